@@ -1,0 +1,59 @@
+"""Atomic file writes and safe names: the rules every stage's files follow.
+
+A write goes to a temporary name in the same folder and is renamed over the target, so a killed
+process leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it is flushed, fsynced and renamed to ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    binary = "b" in mode
+    try:
+        with os.fdopen(handle, mode, encoding=None if binary else encoding) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary_name, target)
+    except BaseException:
+        Path(temporary_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_open(path, "w") as stream:
+        stream.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_name(name: str, field: str) -> str:
+    """Return ``name`` if it is a plain file or folder name; raise naming ``field`` otherwise.
+
+    Names come from widgets and flags and are joined onto folders we own, so ``..``, path
+    separators and absolute paths are refused rather than silently escaping that folder.
+    """
+    if not name or not _SAFE_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"{field}: {name!r} is not a plain name; expected letters, digits, '.', '_', '-' or spaces, "
+            "starting with a letter or digit, with no '..' and no path separator"
+        )
+    return name
