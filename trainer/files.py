@@ -15,6 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_DEFAULT_FILE_MODE = _default_file_mode()
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
 
 
@@ -24,6 +31,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.chmod(temporary_name, _DEFAULT_FILE_MODE)  # mkstemp makes 0600; a finished file gets the usual mode
     binary = "b" in mode
     try:
         with os.fdopen(handle, mode, encoding=None if binary else encoding) as stream:
