@@ -4,7 +4,11 @@ Node classes use ComfyUI's classic schema (``INPUT_TYPES``/``RETURN_TYPES``/``FU
 ComfyUI modules only inside the functions that run, so this package imports without ComfyUI.
 """
 
-NODE_CLASSES: dict[str, type] = {}
+from .prompts import SelmaSkillPrompts
+
+NODE_CLASSES: dict[str, type] = {
+    "SelmaSkillPrompts": SelmaSkillPrompts,
+}
 
 NODE_CLASS_MAPPINGS = {name: node_class for name, node_class in NODE_CLASSES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name: node_class.DISPLAY_NAME for name, node_class in NODE_CLASSES.items()}

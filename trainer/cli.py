@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 # subcommand -> (module that registers it, or None while the stage is not built; one-line summary)
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
-    "prompts": (None, "Stage 1: write skill-specific prompts with an LLM, kept diverse by ROUGE-L."),
+    "prompts": (".prompts", "Stage 1: write skill-specific prompts with an LLM, kept diverse by ROUGE-L."),
     "render": (None, "Stage 2: render one image per prompt into a dataset folder."),
     "train": (None, "Stage 3: train one LoRA expert on a dataset."),
     "merge": (None, "Stage 4: merge LoRA experts into one multi-skill LoRA."),
