@@ -4,10 +4,12 @@ Node classes use ComfyUI's classic schema (``INPUT_TYPES``/``RETURN_TYPES``/``FU
 ComfyUI modules only inside the functions that run, so this package imports without ComfyUI.
 """
 
+from .merge import SelmaMergeLoraExperts
 from .prompts import SelmaSkillPrompts
 
 NODE_CLASSES: dict[str, type] = {
     "SelmaSkillPrompts": SelmaSkillPrompts,
+    "SelmaMergeLoraExperts": SelmaMergeLoraExperts,
 }
 
 NODE_CLASS_MAPPINGS = {name: node_class for name, node_class in NODE_CLASSES.items()}

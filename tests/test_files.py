@@ -46,3 +46,20 @@ def test_plain_names_are_accepted(name):
 def test_names_that_could_leave_their_folder_are_refused_naming_the_field(name):
     with pytest.raises(ValueError, match="lora_name"):
         check_name(name, "lora_name")
+
+
+def test_atomic_path_gives_a_writer_a_file_name_and_renames_it_on_success(tmp_path):
+    from comfyui_selma.trainer.files import atomic_path
+
+    target = tmp_path / "lora.safetensors"
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(b"weights")
+        assert not target.exists()
+    assert target.read_bytes() == b"weights"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    with pytest.raises(OSError):
+        with atomic_path(target) as temporary:
+            raise OSError("disk full")
+    assert target.read_bytes() == b"weights" and [path.name for path in tmp_path.iterdir()] == ["lora.safetensors"]
