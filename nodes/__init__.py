@@ -6,9 +6,13 @@ ComfyUI modules only inside the functions that run, so this package imports with
 
 from .merge import SelmaMergeLoraExperts
 from .prompts import SelmaSkillPrompts
+from .render import SelmaRenderDataset
+from .train import SelmaTrainLoraExpert
 
 NODE_CLASSES: dict[str, type] = {
     "SelmaSkillPrompts": SelmaSkillPrompts,
+    "SelmaRenderDataset": SelmaRenderDataset,
+    "SelmaTrainLoraExpert": SelmaTrainLoraExpert,
     "SelmaMergeLoraExperts": SelmaMergeLoraExperts,
 }
 

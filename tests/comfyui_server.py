@@ -45,6 +45,33 @@ class ComfyUIServer:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def post_json(self, path: str, value: Any) -> Any:
+        request = urllib.request.Request(self.url + path, data=json.dumps(value).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                body = response.read()
+        except urllib.error.HTTPError as error:  # ComfyUI explains a refused graph in the body
+            raise RuntimeError(f"POST {path}: HTTP {error.code}: {error.read().decode(errors='replace')}") from None
+        return json.loads(body) if body else None
+
+    def queue_prompt_and_wait(self, api_graph: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+        """Queue an API-format graph and poll ``/history/<id>`` until it finished; return its history entry.
+
+        The entry's ``status.status_str`` is ``success`` or ``error`` (its ``messages`` hold the
+        exception); ``outputs`` maps node ids to what output nodes reported.
+        """
+        prompt_id = self.post_json("/prompt", {"prompt": api_graph})["prompt_id"]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            entry = history.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None \
+                    and entry["status"].get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout_s:.0f} s:\n{self.log_tail()}")
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -1,0 +1,190 @@
+"""``selma render``: the diffusers renderer on tiny models — seeding rule, batching, chunking, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_selma.trainer import cli
+from comfyui_selma.trainer.dataset import DatasetError, pending_indices
+from comfyui_selma.trainer.prompt_set import PromptRecord, prompt_set_of
+from comfyui_selma.trainer.render import (
+    DiffusersRenderer,
+    RenderConfig,
+    encode_prompt,
+    load_renderer_pipeline,
+    render_dataset,
+)
+
+LONG_PROMPT = "A long paragraph caption: " + " ".join(
+    f"then a small wooden toy number {index} stands beside the red box" for index in range(8))
+PROMPTS = ["a red cube on a table", LONG_PROMPT, "two green apples in a bowl", "a cat on a sofa", "a boat at dawn"]
+SIZE = 64
+STEPS = 2
+TOLERANCE = 2  # 8-bit pixels: batched and single calls differ only by float rounding
+
+
+def write_prompt_set(path: Path, prompts=PROMPTS, skill="counting") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(PromptRecord(prompt, skill, "seed", 0.0).to_json() + "\n" for prompt in prompts))
+    return path
+
+
+def pixels(path_or_image) -> np.ndarray:
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    return write_prompt_set(tmp_path_factory.mktemp("prompts") / "counting.jsonl")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, prompt_file, tiny_sd1_folder) -> Path:
+    folder = tmp_path_factory.mktemp("uninterrupted") / "dataset"
+    render_dataset(prompt_set_of(prompt_file), folder, tiny_sd1_folder,
+                   RenderConfig(steps=STEPS, batch_size=2, seed=7), show_progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_short_prompts_encode_exactly_as_diffusers_and_long_ones_in_77_token_chunks(architecture, request):
+    pipeline = load_renderer_pipeline(request.getfixturevalue(f"tiny_{architecture}_folder"), "cpu")
+    ours = encode_prompt(pipeline, PROMPTS[0])
+    theirs = pipeline.encode_prompt(PROMPTS[0], device="cpu", num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)
+    assert ours.hidden.shape[1] == 77 and np.array_equal(ours.hidden.numpy(), theirs[0].detach().numpy())
+    if architecture == "sdxl":
+        assert np.array_equal(ours.pooled.numpy(), theirs[2].detach().numpy())
+    assert encode_prompt(pipeline, LONG_PROMPT).hidden.shape[1] == 2 * 77
+
+
+@pytest.mark.parametrize(("architecture", "sampler"), [("sd1", "default"), ("sd1", "euler_ancestral"),
+                                                       ("sdxl", "default")])
+def test_an_image_is_the_same_alone_or_in_a_batch_of_4(architecture, sampler, request):
+    pipeline = load_renderer_pipeline(request.getfixturevalue(f"tiny_{architecture}_folder"), "cpu", sampler=sampler)
+    renderer = DiffusersRenderer(pipeline, SIZE, SIZE, STEPS, 7.5, negative_prompt="blurry")
+    prompts, seeds = PROMPTS[:4], [7, 8, 9, 10]  # one long prompt: the batch is padded to 2 chunks
+    together = renderer(prompts, seeds)
+    for index in range(4):
+        alone = renderer([prompts[index]], [seeds[index]])[0]
+        assert np.abs(pixels(together[index]) - pixels(alone)).max() <= TOLERANCE, f"image {index}"
+    assert np.abs(pixels(together[0]) - pixels(renderer([prompts[0]], [8])[0])).max() > TOLERANCE, \
+        "another seed gave the same image"
+
+
+def test_selma_render_cli_writes_the_dataset_from_a_single_file_checkpoint(tmp_path, prompt_file, tiny_sd1_checkpoint,
+                                                                          tiny_sd1_folder, uninterrupted, capsys):
+    out = tmp_path / "from-checkpoint"
+    exit_code = cli.main(["render", str(prompt_file), "--model", str(tiny_sd1_checkpoint), "--model-config",
+                          str(tiny_sd1_folder), "--out", str(out), "--steps", str(STEPS), "--batch-size", "2",
+                          "--seed", "7", "--quiet"])
+    assert exit_code == 0, capsys.readouterr().err
+    assert f"5 of 5 images done (0 were already there, 5 rendered" in capsys.readouterr().out
+    settings = json.loads((out / "dataset.json").read_text())
+    assert settings["generator"] == {"engine": "diffusers", "model": tiny_sd1_checkpoint.name}
+    assert (settings["width"], settings["height"]) == (SIZE, SIZE)  # the tiny model's native size
+    assert (settings["steps"], settings["cfg"], settings["sampler"], settings["seeds"]) == \
+        (STEPS, 7.5, "default", [7, 8, 9, 10, 11])
+    assert settings["prompts_file"] == str(prompt_file)
+    for index, prompt in enumerate(PROMPTS):
+        assert (out / f"{index:06d}.txt").read_text() == prompt
+        # the same weights as a folder or as one file: the same images
+        assert np.abs(pixels(out / f"{index:06d}.png") - pixels(uninterrupted / f"{index:06d}.png")).max() <= 1
+
+    assert cli.main(["render", str(prompt_file), "--model", str(tiny_sd1_checkpoint), "--model-config",
+                     str(tiny_sd1_folder), "--out", str(out), "--steps", str(STEPS), "--seed", "7", "--quiet"]) == 0
+    assert "5 of 5 images done (5 were already there, 0 rendered" in capsys.readouterr().out
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, prompt_file, tiny_sd1_folder, uninterrupted):
+    folder = tmp_path / "dataset"
+    config = RenderConfig(steps=STEPS, batch_size=2, seed=7)
+
+    def interrupt(batch):
+        raise KeyboardInterrupt  # Ctrl-C after the first batch was written
+
+    with pytest.raises(KeyboardInterrupt):
+        render_dataset(prompt_set_of(prompt_file), folder, tiny_sd1_folder, config, show_progress=False,
+                       on_batch=interrupt)
+    assert pending_indices(folder, len(PROMPTS)) == (2, 3, 4)
+    summary = render_dataset(prompt_set_of(prompt_file), folder, tiny_sd1_folder, config, show_progress=False)
+    assert (summary.already_done, summary.rendered_here, summary.done_now) == (2, 3, 5)
+    for index in range(len(PROMPTS)):
+        assert np.abs(pixels(folder / f"{index:06d}.png") - pixels(uninterrupted / f"{index:06d}.png")).max() \
+            <= TOLERANCE
+
+
+def test_accelerate_launch_splits_the_prompts_across_processes_each_writing_its_share(tmp_path, prompt_file,
+                                                                                    tiny_sd1_folder, uninterrupted):
+    out = tmp_path / "two-processes"
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    render = ["-m", "comfyui_selma.trainer.cli", "render", str(prompt_file), "--model", str(tiny_sd1_folder),
+              "--out", str(out), "--steps", str(STEPS), "--batch-size", "2", "--seed", "7", "--device", "cpu",
+              "--quiet"]
+    result = subprocess.run(launch + render, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = sorted(int(count) for count in re.findall(r"(\d+) rendered by this process", result.stdout))
+    assert shares == [2, 3], result.stdout
+    assert pending_indices(out, len(PROMPTS)) == ()
+    assert not [path.name for path in out.iterdir() if path.name.endswith(".tmp")]
+    for index in range(len(PROMPTS)):
+        assert np.abs(pixels(out / f"{index:06d}.png") - pixels(uninterrupted / f"{index:06d}.png")).max() \
+            <= TOLERANCE
+
+
+def test_other_settings_on_an_existing_dataset_are_refused_by_the_cli(prompt_file, tiny_sd1_folder, uninterrupted,
+                                                                      capsys):
+    before = sorted(path.stat().st_mtime_ns for path in uninterrupted.iterdir())
+    exit_code = cli.main(["render", str(prompt_file), "--model", str(tiny_sd1_folder), "--out", str(uninterrupted),
+                          "--steps", "3", "--batch-size", "2", "--seed", "7", "--quiet"])
+    assert exit_code == 1
+    assert "steps: the folder has 2, this run asks 3" in capsys.readouterr().err
+    assert sorted(path.stat().st_mtime_ns for path in uninterrupted.iterdir()) == before
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--width", "100"], "width: 100 pixels; expected a positive multiple of 8"),
+    (["--height", "-8"], "height: -8 pixels; expected a positive multiple of 8"),
+    (["--steps", "0"], "steps: 0; expected a whole number of sampling steps"),
+    (["--batch-size", "0"], "batch_size: 0; expected at least 1"),
+])
+def test_bad_settings_are_refused_before_the_model_loads(tmp_path, prompt_file, tiny_sd1_folder, capsys, arguments,
+                                                         message):
+    out = tmp_path / "dataset"
+    assert cli.main(["render", str(prompt_file), "--model", str(tiny_sd1_folder), "--out", str(out), *arguments]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_model_empty_prompt_set_and_pickles_are_refused_with_a_clear_error(tmp_path, prompt_file, capsys):
+    out = tmp_path / "dataset"
+    assert cli.main(["render", str(prompt_file), "--model", str(tmp_path / "nope"), "--out", str(out)]) == 1
+    assert "nope does not exist; expected a diffusers folder or a .safetensors checkpoint" in capsys.readouterr().err
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"not unpickled")
+    assert cli.main(["render", str(prompt_file), "--model", str(pickle), "--out", str(out)]) == 1
+    assert "model.ckpt is not a .safetensors checkpoint" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli.main(["render", str(empty), "--model", str(tmp_path), "--out", str(out)]) == 1
+    assert "empty.jsonl: holds no prompts" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_render_help_lists_the_paper_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["render", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 50)" in text and "(default: 7.5)" in text and "--batch-size" in text
