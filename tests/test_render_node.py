@@ -1,34 +1,146 @@
-"""The Render node with ComfyUI stand-ins: what it checks before any sampling (the sampling itself
-runs only in a real ComfyUI: tests/test_render_comfyui.py)."""
+"""SELMA Render Dataset with the ComfyUI stand-ins: naming, validation, resume, cancel, progress, outputs.
+
+Sampling itself exists only in a real ComfyUI (``test_render_comfyui.py``); here a fake batch
+renderer takes its place, so what is checked is the node's own logic around it.
+"""
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from comfyui_selma.nodes.render import SelmaRenderDataset
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_selma.nodes import render as render_node
+from comfyui_selma.nodes.render import SelmaRenderDataset, stack_conditioning
 from comfyui_selma.trainer.dataset import DatasetError
 from comfyui_selma.trainer.prompt_set import PromptSet
 
-PROMPTS = PromptSet(prompts=("a red cube", "two apples"), skill="counting", path="")
-SETTINGS = dict(negative_prompt="", width=64, height=64, steps=2, cfg=7.5, sampler_name="euler",
-                scheduler="normal", seed=0, batch_size=2)
+PROMPTS = ("a red cube", "two green apples", "a cat on a sofa", "three birds on a wire", "a boat at dawn")
+SETTINGS = dict(negative_prompt="", width=16, height=8, steps=2, cfg=7.5, sampler_name="euler", scheduler="normal",
+                seed=100, batch_size=2)
 
 
-def _render(**changes):
+class FakeRenderer:
+    """Stands in for ``comfy_batch_renderer``: one flat image per prompt, coloured by its seed."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def __call__(self, model, clip, vae, request):
+        def render(prompts, seeds):
+            self.calls.append(list(seeds))
+            return [Image.new("RGB", (request.width, request.height), (seed % 256, 0, 0)) for seed in seeds]
+        return render
+
+
+@pytest.fixture
+def fake_renderer(monkeypatch) -> FakeRenderer:
+    fake = FakeRenderer()
+    monkeypatch.setattr(render_node, "comfy_batch_renderer", fake)
+    return fake
+
+
+def run_node(prompts=PROMPTS, skill="counting", dataset_name="", **changes):
     settings = {**SETTINGS, **changes}
-    return SelmaRenderDataset().render(object(), object(), object(), settings.pop("prompts", PROMPTS), **settings)
+    prompt_set = PromptSet(prompts=tuple(prompts), skill=skill, path="/prompts/counting.jsonl")
+    return SelmaRenderDataset().render(model=object(), clip=object(), vae=object(), prompts=prompt_set,
+                                       dataset_name=dataset_name, unique_id="7", **settings)
+
+
+def test_node_takes_comfyui_model_clip_vae_and_the_prompt_set_and_returns_path_and_preview():
+    inputs = SelmaRenderDataset.INPUT_TYPES()["required"]
+    assert [inputs[name][0] for name in ("model", "clip", "vae", "prompts")] == ["MODEL", "CLIP", "VAE",
+                                                                                  "SELMA_PROMPTS"]
+    assert inputs["steps"][1]["default"] == 50 and inputs["cfg"][1]["default"] == 7.5
+    assert inputs["width"][1]["step"] == 8 and "euler" in inputs["sampler_name"][0]
+    assert SelmaRenderDataset.RETURN_TYPES == ("STRING", "IMAGE") and SelmaRenderDataset.OUTPUT_NODE
+
+
+def test_node_writes_the_dataset_under_output_selma_datasets_named_after_the_skill(comfy, fake_renderer):
+    path, preview = run_node()
+    folder = comfy.output_dir / "selma" / "datasets" / "counting"
+    assert path == str(folder)
+    assert [(folder / f"{index:06d}.txt").read_text() for index in range(5)] == list(PROMPTS)
+    settings = json.loads((folder / "dataset.json").read_text())
+    assert (settings["sampler"], settings["scheduler"], settings["seeds"]) == ("euler", "normal",
+                                                                              [100, 101, 102, 103, 104])
+    assert settings["generator"]["engine"] == "comfyui"
+    assert fake_renderer.calls == [[100, 101], [102, 103], [104]]
+    assert preview.shape == (4, 8, 16, 3) and preview.dtype == torch.float32
+    assert preview[1, 0, 0].tolist() == pytest.approx([101 / 255, 0.0, 0.0])
+
+
+def test_node_progress_advances_per_image(comfy, fake_renderer):
+    run_node()
+    assert comfy.progress == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    assert comfy.events[-1] == ("selma.render", {"node": "7", "done": 5, "total": 5,
+                                                 "folder": str(comfy.output_dir / "selma" / "datasets" / "counting")})
+
+
+def test_queueing_again_skips_the_images_on_disk(comfy, fake_renderer):
+    run_node(dataset_name="mine")
+    fake_renderer.calls.clear()
+    path, preview = run_node(dataset_name="mine")
+    assert fake_renderer.calls == [] and preview.shape[0] == 4
+    assert path.endswith("/selma/datasets/mine")
+
+
+def test_cancel_stops_between_batches_keeps_finished_images_and_a_requeue_finishes(comfy, fake_renderer):
+    from comfy.model_management import InterruptProcessingException
+
+    comfy.cancel_after_updates = 3  # the start, the first batch, then cancel while reporting the second
+    with pytest.raises(InterruptProcessingException):
+        run_node()
+    folder = comfy.output_dir / "selma" / "datasets" / "counting"
+    assert sorted(path.name for path in folder.glob("*.png")) == [f"{index:06d}.png" for index in range(4)]
+    comfy.cancel_after_updates = None
+    fake_renderer.calls.clear()
+    run_node()
+    assert fake_renderer.calls == [[104]]
+
+
+def test_an_absolute_dataset_path_is_used_as_given(comfy, fake_renderer, tmp_path):
+    path, _ = run_node(dataset_name=str(tmp_path / "elsewhere" / "set"))
+    assert path == str(tmp_path / "elsewhere" / "set") and (tmp_path / "elsewhere" / "set" / "000004.png").is_file()
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"dataset_name": "../escape"}, "dataset"),
-    ({"dataset_name": "a/b"}, "dataset"),
-    ({"width": 60}, "width"),
-    ({"height": 0}, "height"),
-    ({"prompts": PromptSet(prompts=(), skill="counting", path="")}, "prompt"),
-    ({"prompts": "a red cube"}, "SELMA Skill Prompts"),
+    ({"dataset_name": "../outside"}, r"dataset name: '../outside' is not a plain name"),
+    ({"dataset_name": "a/b"}, r"dataset name: 'a/b' is not a plain name"),
+    ({"width": 100}, r"width: 100 pixels; expected a positive multiple of 8"),
+    ({"height": 0}, r"height: 0 pixels"),
+    ({"prompts": ()}, r"prompts: the prompt list from /prompts/counting.jsonl is empty"),
 ])
-def test_bad_input_is_refused_before_anything_is_written(comfy, changes, message):
-    with pytest.raises((DatasetError, ValueError), match=message):
-        _render(**changes)
-    assert not (comfy.output_dir / "selma").exists() or not any((comfy.output_dir / "selma").rglob("*.png"))
-    assert comfy.progress == []
+def test_bad_input_is_refused_before_rendering(comfy, fake_renderer, changes, message):
+    with pytest.raises(ValueError, match=message):
+        run_node(**changes)
+    assert fake_renderer.calls == [] and comfy.progress == []
+    assert not (comfy.output_dir / "selma" / "datasets").exists()
+
+
+def test_other_settings_on_an_existing_dataset_are_refused(comfy, fake_renderer):
+    run_node()
+    fake_renderer.calls.clear()
+    with pytest.raises(DatasetError, match=r"sampler: the folder has \"euler\", this run asks \"dpmpp_2m\""):
+        run_node(sampler_name="dpmpp_2m")
+    assert fake_renderer.calls == []
+
+
+def test_a_prompts_input_that_is_not_a_prompt_set_is_refused(comfy, fake_renderer):
+    with pytest.raises(DatasetError, match=r"prompts: got list; expected the output of SELMA Skill Prompts"):
+        SelmaRenderDataset().render(model=None, clip=None, vae=None, prompts=["a cat"], **SETTINGS)
+
+
+def test_conditionings_of_different_lengths_are_stacked_by_repetition_with_the_render_size():
+    short = {"cond": torch.randn(1, 77, 8), "pooled_output": torch.randn(1, 4)}
+    long = {"cond": torch.randn(1, 154, 8), "pooled_output": torch.randn(1, 4)}
+    negative = {"cond": torch.randn(1, 77, 8), "pooled_output": torch.randn(1, 4)}
+    [[positive, extras]], [[negative_cond, negative_extras]] = stack_conditioning([short, long], negative, 64, 32)
+    assert positive.shape == (2, 154, 8)
+    assert torch.equal(positive[0], torch.cat([short["cond"][0], short["cond"][0]]))
+    assert torch.equal(positive[1], long["cond"][0])
+    assert torch.equal(extras["pooled_output"], torch.cat([short["pooled_output"], long["pooled_output"]]))
+    assert negative_cond.shape == (1, 154, 8)
+    assert (extras["width"], extras["height"], extras["target_width"], negative_extras["height"]) == (64, 32, 64, 32)
