@@ -146,7 +146,7 @@ def comfyui_rows(arguments: argparse.Namespace, scratch: Path) -> list[dict]:
             return node_seconds(entry)
 
         print("ComfyUI: warm-up render (loads the checkpoint)", flush=True)
-        run("warm-up", 2, 2)  # loads the checkpoint; cached for the timed runs
+        run("warm-up", 4, arguments.comfyui_prompts)  # loads the checkpoint; cached for the timed runs
         best = {batch_size: 0.0 for batch_size in BATCH_SIZES}
         for repeat in range(arguments.repeats):
             for batch_size in BATCH_SIZES:
