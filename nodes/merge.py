@@ -16,7 +16,9 @@ from ..trainer.files import check_name
 from ..trainer.merge import ARCHITECTURE_CHOICES, SAVE_DTYPES, MergeConfig, MergeResult, merge_files
 from ..trainer.merge_methods import METHODS
 from ..trainer.settings import default_of, help_of
-from .comfy_runtime import NodeProgress
+from .comfy_runtime import NodeProgress, send_event
+
+EVENT = "selma.merge"
 
 SLOTS = 8
 NONE = "None"
@@ -140,6 +142,10 @@ class SelmaMergeLoraExperts:
         progress_bar = NodeProgress(1, node_id=unique_id)
         result = merge_files(experts, target, config, progress=lambda done, total: progress_bar.update(done, total))
         print(f"[SELMA Merge LoRA Experts] {result.summary()}")
+        send_event(EVENT, {"node": unique_id, "method": result.method,
+                           "sources": [Path(source).name for source in result.sources],
+                           "weights": result.weights, "rank": max(result.lora.ranks, default=0),
+                           "output": file_name, "missing_modules": len(result.missing)})
         model, clip = _apply(result, model, clip, strength_model, strength_clip)
         return model, clip, file_name, str(result.path)
 

@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from ..trainer.dataset import (
@@ -30,13 +31,14 @@ from ..trainer.dataset import (
     RenderRequest,
     done_image_paths,
     float_images_to_pil,
+    image_path,
     prepare_dataset,
     render_pending,
     resolve_dataset_folder,
 )
 from ..trainer.render import RenderConfig
 from ..trainer.settings import default_of, help_of
-from .comfy_runtime import NodeProgress, check_interrupted, selma_output_path, send_event
+from .comfy_runtime import NodeProgress, check_interrupted, output_directory, selma_output_path, send_event
 
 EVENT = "selma.render"
 PREVIEW_IMAGES = 4
@@ -136,13 +138,27 @@ class SelmaRenderDataset:
         def report(batch: list[int]) -> None:
             nonlocal done
             done += len(batch)
-            send_event(EVENT, {"node": unique_id, "done": done, "total": plan.total, "folder": str(folder)})
+            send_event(EVENT, {"node": unique_id, "done": done, "total": plan.total, "folder": str(folder),
+                               "images": _viewable(folder, batch)})
             progress.update(done)  # raises on cancel; the batch is already on disk
 
         if plan.pending:
             render_pending(plan, comfy_batch_renderer(model, clip, vae, request), on_batch=report)
         print(f"[SELMA Render Dataset] {folder}: {plan.total} images ({plan.done} were already there)")
         return str(folder), preview_tensor(folder)
+
+
+def _viewable(folder: Path, indices: list[int]) -> list[dict[str, str]]:
+    """The batch's images as ComfyUI's ``/view`` route names them, for the browser's preview strip.
+
+    Only images under the output folder can be viewed; a dataset elsewhere (an absolute path) sends none.
+    """
+    try:
+        subfolder = folder.resolve().relative_to(output_directory().resolve())
+    except ValueError:
+        return []
+    return [{"filename": image_path(folder, index).name, "subfolder": subfolder.as_posix(), "type": "output"}
+            for index in indices]
 
 
 def preview_tensor(folder: Any, count: int = PREVIEW_IMAGES) -> Any:

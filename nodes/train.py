@@ -229,5 +229,7 @@ class SelmaTrainLoraExpert:
 
 
 def _public(event: dict[str, Any]) -> dict[str, Any]:
-    """An event as the browser gets it: the trainer's fields with ``event`` renamed to ``kind``."""
-    return {("kind" if key == "event" else key): value for key, value in event.items()}
+    """An event as the browser gets it: ``event`` renamed to ``kind``, and the cache events' own
+    ``kind`` (latents or text) to ``cache_kind`` so it cannot overwrite it."""
+    fields = {("cache_kind" if key == "kind" else key): value for key, value in event.items() if key != "event"}
+    return {"kind": event["event"], **fields}

@@ -160,6 +160,10 @@ def test_node_saves_the_merge_into_models_loras(comfy, experts):
     merged = read_lora(path)
     assert merged.metadata["modelspec.merged_from"] == "counting expert, spatial expert, text expert"
     assert comfy.progress[-1] == (len(merged.modules), len(merged.modules))
+    assert comfy.events[-1] == ("selma.merge", {
+        "node": "7", "method": "linear", "sources": [expert.name for expert in experts[:3]],
+        "weights": [pytest.approx(1 / 3)] * 3, "rank": max(merged.ranks), "output": "multi-skill.safetensors",
+        "missing_modules": 1})
 
 
 def test_node_cancel_writes_nothing(comfy, experts):

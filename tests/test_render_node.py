@@ -75,8 +75,15 @@ def test_node_writes_the_dataset_under_output_selma_datasets_named_after_the_ski
 def test_node_progress_advances_per_image(comfy, fake_renderer):
     run_node()
     assert comfy.progress == [(0, 5), (2, 5), (4, 5), (5, 5)]
-    assert comfy.events[-1] == ("selma.render", {"node": "7", "done": 5, "total": 5,
-                                                 "folder": str(comfy.output_dir / "selma" / "datasets" / "counting")})
+    assert comfy.events[-1] == ("selma.render", {
+        "node": "7", "done": 5, "total": 5, "folder": str(comfy.output_dir / "selma" / "datasets" / "counting"),
+        "images": [{"filename": "000004.png", "subfolder": "selma/datasets/counting", "type": "output"}]})
+    assert [event["images"][0]["filename"] for _, event in comfy.events] == ["000000.png", "000002.png", "000004.png"]
+
+
+def test_a_dataset_outside_the_output_folder_sends_no_preview_names(comfy, fake_renderer, tmp_path):
+    run_node(dataset_name=str(tmp_path / "elsewhere"))
+    assert comfy.events[-1][1]["done"] == 5 and comfy.events[-1][1]["images"] == []
 
 
 def test_queueing_again_skips_the_images_on_disk(comfy, fake_renderer):

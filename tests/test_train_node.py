@@ -74,6 +74,12 @@ def test_the_node_streams_progress_cancel_stops_the_trainer_and_queueing_again_r
     losses = [data for event, data in comfy.events if event == EVENT and data.get("kind") == "step"]
     assert [data["step"] for data in losses][:2] == [1, 2]
     assert all(data["node"] == "7" and data["loss"] > 0 and data["max_steps"] == 4 for data in losses)
+    kinds = {data["kind"] for event, data in comfy.events if event == EVENT}
+    assert {"start", "cache_ready", "step"} <= kinds <= {"start", "cache", "cache_ready", "resume", "step", "save",
+                                                         "notice", "done"}, "the trainer's cache kind must not "\
+                                                                            "overwrite the event's kind"
+    assert {data["cache_kind"] for event, data in comfy.events if data.get("kind") == "cache_ready"} == {"latents",
+                                                                                                          "text"}
     run_dir = comfy.output_dir / "selma" / "train" / "counting-expert"
     assert 2 in [step for step, _ in checkpoints(run_dir)]
 
