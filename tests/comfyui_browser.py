@@ -70,6 +70,18 @@ class FrontendPage:
         return self.page.evaluate(
             "() => [...document.querySelectorAll('.p-toast-message, .p-dialog')].map(e => e.innerText.trim())")
 
+    def show_nodes_at_full_size(self, node_ids: list[int]) -> None:
+        """Pan and zoom to 100 % on these nodes, so a screenshot shows their text legibly."""
+        self.page.evaluate("""(ids) => {
+            const nodes = ids.map(id => app.graph.getNodeById(id));
+            const left = Math.min(...nodes.map(node => node.pos[0])), top = Math.min(...nodes.map(node => node.pos[1]));
+            app.canvas.ds.scale = 1;
+            app.canvas.ds.offset[0] = 80 - left;
+            app.canvas.ds.offset[1] = 120 - top;
+            app.canvas.setDirty(true, true);
+        }""", node_ids)
+        self.page.wait_for_timeout(500)
+
     def screenshot(self, name: str) -> Path:
         path = artifacts_folder() / f"{name}.png"
         self.page.screenshot(path=str(path))
