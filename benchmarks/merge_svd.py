@@ -5,8 +5,10 @@ of attn1 and attn2: 560 layers; shapes from diffusers' UNet2DConditionModel buil
 from the shipped SDXL config), merged with weights 1/5 and re-factored to rank 128 two ways, in the
 same run, layer by layer, alternating which goes first:
 
-- ours: ``trainer.merge_methods.svd`` — QR of the stacked up factors, a 640 x 640 Gram/eigen problem,
-  never an out x in matrix;
+- ours: ``trainer.merge_methods.svd`` (``truncate_product``) — where the total rank R = 640 is below
+  both sides (1280 x 1280, 1280 x 2048): T from the Cholesky factor of the 640 x 640 Gram upᵀ·up, S = T·down,
+  and only the 128 leading eigenvectors of S·Sᵀ (LAPACK syevr on an index range); where R reaches a side
+  (640 x 640, 640 x 2048): ΔW formed, its shorter-side Gram, the same partial eigensolve. Never an SVD;
 - full: form ΔW = Σ w_i·scale_i·up_i·down_i, ``torch.linalg.svd(ΔW, full_matrices=False)``, keep 128.
 
 Reported per layer shape: time, relative reconstruction error ||ΔW − up·down||_F / ||ΔW||_F of each
@@ -14,6 +16,9 @@ Reported per layer shape: time, relative reconstruction error ||ΔW − up·down
 fresh child process per method and shape as the growth of the process's peak resident set (VmHWM,
 reset through /proc/self/clear_refs) while the method runs on one layer, the experts already in memory —
 RSS, because torch's CPU allocator keeps no statistics and tracemalloc does not see it.
+
+``--threads T`` limits torch (MKL) and scipy's OpenBLAS alike (OPENBLAS_NUM_THREADS, set before scipy
+loads and inherited by the memory children), so both methods run on the same number of cores.
 
     .venv/bin/python benchmarks/merge_svd.py [--per-shape N] [--threads T]
 
@@ -118,12 +123,14 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=128, help="rank of every expert and of the merge")
     parser.add_argument("--per-shape", type=int, default=0,
                         help="time at most this many layers of each shape (0: all 560 layers)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of torch and of scipy's OpenBLAS (0: the libraries' defaults)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # METHOD:OUTxIN, run in the child process
     arguments = parser.parse_args()
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
+        os.environ["OPENBLAS_NUM_THREADS"] = str(arguments.threads)  # read when scipy first loads, below
     if arguments.memory_of:
         print(json.dumps(_memory_of(arguments.memory_of, arguments.experts, arguments.rank)))
         return 0
@@ -176,7 +183,8 @@ def main() -> int:
         "benchmark": "svd merge of 5 rank-128 experts over every SDXL attention projection",
         "experts": arguments.experts, "rank": arguments.rank, "layers": len(layers),
         "timed_layers": sum(row["timed_layers"] for row in rows), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        "cpu": platform.processor() or platform.machine(),
         "rows": rows, "total_seconds_measured": measured, "total_seconds_all_layers": total,
         "speedup": total["full"] / total["ours"],
         "memory_measure": "peak RSS growth (VmHWM after /proc/self/clear_refs) in a fresh process per method and "
@@ -197,7 +205,8 @@ def main() -> int:
               f"{row['peak_rss_growth_mib']['ours']:.0f} | {row['peak_rss_growth_mib']['full']:.0f} |")
     print(f"| **all {len(layers)}** | {len(layers)} | {total['ours']:.2f} | {total['full']:.2f} | "
           f"**{result['speedup']:.1f}x** | | | | |")
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s); results in {arguments.out}")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s), OpenBLAS threads "
+          f"{result['openblas_threads']}; results in {arguments.out}")
     return 0
 
 

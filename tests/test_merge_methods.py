@@ -87,7 +87,7 @@ def test_svd_at_full_total_rank_equals_linear(kernel):
     torch.testing.assert_close(_dense(merged), _dense(linear(experts, WEIGHTS, MergeOptions())), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(24, 16), (16, 24), (40, 40)])
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24), (40, 40), (10, 24), (24, 12)])  # the last two: R >= out or in
 @pytest.mark.parametrize("rank", [1, 5, 9])
 def test_svd_at_lower_rank_is_the_best_approximation(shape, rank):
     experts = [random_module(*shape, rank=r, seed=seed) for seed, r in enumerate((4, 6, 3))]
@@ -120,6 +120,20 @@ def test_truncation_survives_rank_deficient_and_zero_factors():
     torch.testing.assert_close(new_up @ new_down, up @ down, rtol=1e-4, atol=1e-5)
     zero_up, zero_down = truncate_product(torch.zeros(10, 3), torch.zeros(3, 7), 2)
     assert torch.count_nonzero(zero_up @ zero_down) == 0
+
+
+@pytest.mark.parametrize("decades", [1, 3, 6])
+def test_truncation_of_ill_conditioned_factors_is_still_the_best_approximation(decades):
+    """up's singular values spread over ``decades`` decades: mild ones take the Cholesky route, the worst the QR."""
+    generator = torch.Generator().manual_seed(decades)
+    left, _ = torch.linalg.qr(torch.randn(200, 40, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(40, 40, generator=generator, dtype=torch.float64))
+    up = ((left * torch.logspace(0, -decades, 40, dtype=torch.float64)) @ right.T).float()
+    down = torch.randn(40, 300, generator=generator)
+    new_up, new_down = truncate_product(up, down, 10)
+    target = up.double() @ down.double()
+    error = float((target - (new_up @ new_down).double()).norm())
+    assert error == pytest.approx(_best_rank_error(target, 10), rel=1e-5)
 
 
 def _ties_reference(experts, weights, density):

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from .lora_file import LoraModule
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -90,53 +91,102 @@ def stacked_factors(
     return up, down
 
 
-def truncate_product(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-``rank`` approximation of ``up @ down`` as factors, without forming the product.
+# truncate_product trusts the Cholesky factor T of the float32 Gram upᵀ·up only while T's reciprocal
+# condition number (LAPACK trcon, 1-norm) is at least this; below it, or where the factorisation fails,
+# it takes the Householder QR. Rounding in the Gram grows like cond(up)², yet in tests every up that
+# passed this gate (cond₂(up) up to 1e3; random factors give ~2e-3 here) matched the full SVD's
+# reconstruction error to 1e-9, and float32 Cholesky itself breaks down from cond₂(up) ≈ 1e4.
+_CHOLESKY_MIN_RCOND = 1e-5
 
-    With up [out, R] and down [R, in]: a QR of the thinner side (up = Q·T, Q orthonormal [out, R']),
-    the small Gram matrix G = down·downᵀ [R, R], and the eigenvectors V of T·G·Tᵀ [R', R'] — that
-    is (Qᵀ·ΔW)(Qᵀ·ΔW)ᵀ, whose top eigenvectors, mapped by Q, are ΔW's top left singular vectors.
-    The result is the projection of ΔW onto them: new_up = Q·V_k, new_down = V_kᵀ·T·down, so
-    new_up @ new_down = P_k·ΔW, the truncated SVD (Eckart–Young). Nothing larger than
-    max(out, in) × R is ever formed; a full SVD of the out × in product costs O(out·in·min(out, in)).
-    When ``rank`` ≥ R' the projection is the identity on ΔW's column space: the result equals ΔW.
+
+def _row_gram(matrix: torch.Tensor) -> np.ndarray:
+    """``matrix @ matrix.T`` in the upper triangle of a Fortran-ordered array: BLAS syrk, half a product's work."""
+    from scipy.linalg import blas
+
+    array = matrix.numpy()
+    if array.flags.f_contiguous:
+        return blas.ssyrk(1.0, array)
+    return blas.ssyrk(1.0, array.T, trans=1)
+
+
+def _top_eigenvectors(gram: np.ndarray, count: int) -> torch.Tensor:
+    """The ``count`` leading eigenvectors (largest first) of the symmetric matrix in ``gram``'s upper triangle.
+
+    LAPACK's syevr on an index range reduces to tridiagonal form once and then computes only the wanted
+    eigenvectors; a full eigensolver also computes and back-transforms all the others (about 1.3x the time
+    at 640 x 640 with a quarter of them wanted). When all are wanted, divide and conquer (torch's eigh)
+    gives vectors closer to orthonormal, so a full-rank truncation reproduces its input to float32
+    precision. ``gram`` is overwritten.
     """
+    import scipy.linalg
     import torch
 
-    if down.shape[1] < up.shape[0]:  # work on the side with fewer rows: ΔWᵀ = downᵀ·upᵀ
+    size = gram.shape[0]
+    count = max(1, min(count, size))
+    if count == size:
+        return torch.linalg.eigh(torch.from_numpy(gram), UPLO="U").eigenvectors.flip(-1)
+    _, vectors = scipy.linalg.eigh(gram, lower=False, subset_by_index=[size - count, size - 1], driver="evr",
+                                   overwrite_a=True, check_finite=False)
+    return torch.from_numpy(vectors).flip(-1)  # a copy, largest first
+
+
+def _triangular_times(upper: np.ndarray, matrix: torch.Tensor) -> torch.Tensor:
+    """``upper @ matrix`` for an upper-triangular ``upper`` (BLAS trmm: half a product's work)."""
+    import torch
+    from scipy.linalg import blas
+
+    # trmm from the right on the transposes: (T·M)ᵀ = Mᵀ·Tᵀ, so a row-major M needs no copy.
+    return torch.from_numpy(blas.strmm(1.0, upper, matrix.numpy().T, side=1, trans_a=1)).T
+
+
+def truncate_product(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` approximation of ΔW = ``up @ down`` as balanced factors, without an SVD of ΔW.
+
+    With up [out, R] and down [R, in], orient so out ≤ in. If R ≥ out, ΔW has no cheaper description than
+    itself: form it and truncate it (:func:`truncate_dense`). Otherwise take an upper-triangular T with
+    TᵀT = upᵀ·up, so that Q = up·T⁻¹ is orthonormal and ΔW = Q·S with S = T·down [R, in]: the Cholesky
+    factor of the R x R Gram (a syrk and an R³/3 factorisation), or where up is too ill-conditioned for
+    that in float32 (or rank-deficient) the R factor of a Householder QR. The top ``rank`` eigenvectors
+    V_k of S·Sᵀ (= Qᵀ·ΔW·ΔWᵀ·Q) mapped by Q are ΔW's top left singular vectors, so new_up = Q·V_k,
+    new_down = V_kᵀ·S gives new_up @ new_down = P_k·ΔW, the truncated SVD (Eckart–Young). Cost
+    O((out + in)·R² + R³) — the eigensolver only computes the k wanted vectors — against the
+    O(out·in·min(out, in)) of a full SVD; nothing larger than in x R is formed. When ``rank`` ≥ R the
+    projection is the identity on ΔW's column space: the result equals ΔW.
+    """
+    import torch
+    from scipy.linalg import lapack
+
+    if down.shape[1] < up.shape[0]:  # orient so out ≤ in: ΔWᵀ = downᵀ·upᵀ
         new_down_t, new_up_t = truncate_product(down.T, up.T, rank)
         return new_up_t.T, new_down_t.T
-    reflectors, tau = torch.geqrf(up)  # Householder QR: Q is applied, never formed
-    kept = min(up.shape)
-    upper = reflectors[:kept].triu()  # T [R', R]
-    gram = down @ down.T
-    core = upper @ gram @ upper.T  # [R', R'], symmetric positive semidefinite
-    _, vectors = torch.linalg.eigh((core + core.T) / 2)
-    rank = max(1, min(rank, kept))
-    top = vectors[:, -rank:].flip(-1)  # largest first
-    padded = top.new_zeros(up.shape[0], rank)
-    padded[:kept] = top
-    new_up = torch.ormqr(reflectors, tau, padded)  # Q·V_k
-    new_down = (top.T @ upper) @ down
-    return _balanced(new_up, new_down)
+    if up.shape[1] >= up.shape[0]:
+        return truncate_dense(up @ down, rank)
+    upper, failed = lapack.spotrf(_row_gram(up.T), clean=1, overwrite_a=1)
+    if not failed and lapack.strcon(upper)[0] >= _CHOLESKY_MIN_RCOND:
+        core = _triangular_times(upper, down)
+        top = _top_eigenvectors(_row_gram(core), rank)
+        new_up = up @ torch.linalg.solve_triangular(torch.from_numpy(upper), top, upper=True)  # up·T⁻¹·V_k
+    else:
+        reflectors, tau = torch.geqrf(up)  # Householder QR: Q is applied, never formed
+        core = _triangular_times(reflectors[: up.shape[1]].triu().numpy(), down)
+        top = _top_eigenvectors(_row_gram(core), rank)
+        padded = torch.cat([top, top.new_zeros(up.shape[0] - top.shape[0], top.shape[1])])
+        new_up = torch.ormqr(reflectors, tau, padded)  # Q·V_k
+    return _balanced(new_up, top.T @ core)
 
 
 def truncate_dense(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The best rank-``rank`` factors of a dense [out, in] matrix, balanced.
 
     The top eigenvectors U_k of the Gram matrix ΔW·ΔWᵀ (of the shorter side) are ΔW's top left
-    singular vectors; up = U_k, down = U_kᵀ·ΔW is the truncated SVD. One matrix product and a
-    symmetric eigensolver cost a fraction of a full SVD, and at full rank the projection is exact.
+    singular vectors; up = U_k, down = U_kᵀ·ΔW is the truncated SVD. A syrk and a symmetric eigensolver
+    that computes only the k wanted vectors cost a fraction of a full SVD, and at full rank the
+    projection is exact.
     """
-    import torch
-
     if delta.shape[0] > delta.shape[1]:
         up_t, down_t = truncate_dense(delta.T, rank)
         return down_t.T, up_t.T
-    gram = delta @ delta.T
-    _, vectors = torch.linalg.eigh((gram + gram.T) / 2)
-    rank = max(1, min(rank, delta.shape[0]))
-    top = vectors[:, -rank:].flip(-1)
+    top = _top_eigenvectors(_row_gram(delta), rank)
     return _balanced(top, top.T @ delta)
 
 
