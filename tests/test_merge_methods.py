@@ -136,6 +136,24 @@ def test_truncation_of_ill_conditioned_factors_is_still_the_best_approximation(d
     assert error == pytest.approx(_best_rank_error(target, 10), rel=1e-5)
 
 
+@pytest.mark.parametrize("decades", [2, 3, 3.5])
+def test_truncation_is_the_best_approximation_where_down_leans_on_up_weak_directions(decades):
+    """ΔW's leading directions lie where up is weakest and down makes up for it: the float32 Gram upᵀ·up is
+    still positive definite, but its Cholesky factor is too coarse exactly in the directions that count."""
+    generator = torch.Generator().manual_seed(7)
+    left, _ = torch.linalg.qr(torch.randn(200, 40, generator=generator, dtype=torch.float64))
+    mixing, _ = torch.linalg.qr(torch.randn(40, 40, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(300, 40, generator=generator, dtype=torch.float64))
+    strength = torch.logspace(0, -decades, 40, dtype=torch.float64)
+    singular = torch.linspace(1.0, 0.5, 40, dtype=torch.float64)[torch.randperm(40, generator=generator)]
+    up = ((left * strength) @ mixing.T).float()
+    down = ((mixing * (singular / strength)) @ right.T).float()
+    new_up, new_down = truncate_product(up, down, 8)
+    target = up.double() @ down.double()
+    error = float((target - (new_up @ new_down).double()).norm())
+    assert error == pytest.approx(_best_rank_error(target, 8), rel=1e-5)
+
+
 def _ties_reference(experts, weights, density):
     """TIES written out entry by entry: trim each ΔW to its top-k magnitudes, elect the sign of the weighted
     sum, average the agreeing weighted entries, scale by the sum of the weights."""
