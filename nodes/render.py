@@ -42,6 +42,7 @@ from .comfy_runtime import NodeProgress, check_interrupted, output_directory, se
 
 EVENT = "selma.render"
 PREVIEW_IMAGES = 4
+BROWSER_PREVIEWS = 6  # the web extension's preview strip (PREVIEWS_SHOWN in web/lib/selma_state.js)
 MAX_SIZE = 16384
 DEFAULT_SIZE = 512
 # Offered when ComfyUI is absent (the pack's own tests); ComfyUI's full lists are used when it runs.
@@ -133,13 +134,19 @@ class SelmaRenderDataset:
 
         progress = NodeProgress(plan.total, node_id=unique_id)
         done = plan.done
+
+        def announce(kind: str, images: list[int]) -> None:
+            send_event(EVENT, {"node": unique_id, "kind": kind, "done": done, "total": plan.total,
+                               "folder": str(folder), "images": _viewable(folder, images)})
+
+        # A resumed or finished dataset shows its count and newest images at once, not after a batch.
+        announce("start", sorted(set(range(plan.total)) - set(plan.pending))[-BROWSER_PREVIEWS:])
         progress.update(done)
 
         def report(batch: list[int]) -> None:
             nonlocal done
             done += len(batch)
-            send_event(EVENT, {"node": unique_id, "done": done, "total": plan.total, "folder": str(folder),
-                               "images": _viewable(folder, batch)})
+            announce("batch", batch)
             progress.update(done)  # raises on cancel; the batch is already on disk
 
         if plan.pending:

@@ -72,13 +72,16 @@ def test_node_writes_the_dataset_under_output_selma_datasets_named_after_the_ski
     assert preview[1, 0, 0].tolist() == pytest.approx([101 / 255, 0.0, 0.0])
 
 
-def test_node_progress_advances_per_image(comfy, fake_renderer):
+def test_node_progress_advances_per_image_and_each_batch_tells_the_browser_its_images(comfy, fake_renderer):
     run_node()
     assert comfy.progress == [(0, 5), (2, 5), (4, 5), (5, 5)]
     assert comfy.events[-1] == ("selma.render", {
-        "node": "7", "done": 5, "total": 5, "folder": str(comfy.output_dir / "selma" / "datasets" / "counting"),
+        "node": "7", "kind": "batch", "done": 5, "total": 5,
+        "folder": str(comfy.output_dir / "selma" / "datasets" / "counting"),
         "images": [{"filename": "000004.png", "subfolder": "selma/datasets/counting", "type": "output"}]})
-    assert [event["images"][0]["filename"] for _, event in comfy.events] == ["000000.png", "000002.png", "000004.png"]
+    assert [(event["kind"], event["done"], [image["filename"] for image in event["images"]])
+            for _, event in comfy.events] == [("start", 0, []), ("batch", 2, ["000000.png", "000001.png"]),
+                                              ("batch", 4, ["000002.png", "000003.png"]), ("batch", 5, ["000004.png"])]
 
 
 def test_a_dataset_outside_the_output_folder_sends_no_preview_names(comfy, fake_renderer, tmp_path):
@@ -86,12 +89,16 @@ def test_a_dataset_outside_the_output_folder_sends_no_preview_names(comfy, fake_
     assert comfy.events[-1][1]["done"] == 5 and comfy.events[-1][1]["images"] == []
 
 
-def test_queueing_again_skips_the_images_on_disk(comfy, fake_renderer):
-    run_node(dataset_name="mine")
+def test_queueing_again_skips_the_images_on_disk_and_shows_the_newest_at_once(comfy, fake_renderer):
+    run_node(prompts=[f"prompt {index}" for index in range(9)], dataset_name="mine")
     fake_renderer.calls.clear()
-    path, preview = run_node(dataset_name="mine")
+    comfy.events.clear()
+    path, preview = run_node(prompts=[f"prompt {index}" for index in range(9)], dataset_name="mine")
     assert fake_renderer.calls == [] and preview.shape[0] == 4
     assert path.endswith("/selma/datasets/mine")
+    ((_, start),) = comfy.events
+    assert (start["kind"], start["done"], start["total"]) == ("start", 9, 9)
+    assert [image["filename"] for image in start["images"]] == [f"{index:06d}.png" for index in range(3, 9)]
 
 
 def test_cancel_stops_between_batches_keeps_finished_images_and_a_requeue_finishes(comfy, fake_renderer):

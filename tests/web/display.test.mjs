@@ -58,3 +58,15 @@ test("drawing uses only the 2D context calls a canvas has", () => {
   drawLossChart(context, reduce(state, "train", { kind: "step", step: 2, max_steps: 3, loss: 0.5, seconds: 1 }), 200, 100);
   assert.ok(calls.includes("lineTo") && calls.includes("stroke"));
 });
+
+test("an empty chart says whether it waits for a step or the run finished before the page saw one", () => {
+  const texts = [];
+  const context = new Proxy({}, {
+    get: (_, name) => (name === "fillText" ? (text) => texts.push(text) : () => {}),
+    set: () => true,
+  });
+  drawLossChart(context, reduce(undefined, "train", { kind: "start" }), 200, 100);
+  const finishedEarlier = reduce(undefined, "train", { done: true, step: 50, max_steps: 50, lora_name: "x.safetensors" });
+  drawLossChart(context, finishedEarlier, 200, 100);
+  assert.deepEqual(texts, ["loss: waiting for the first step", "finished before this page saw a step"]);
+});

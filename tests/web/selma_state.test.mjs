@@ -2,7 +2,9 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { addPoint, chartPoints, emptyChart, emptyState, MAX_CHART_POINTS, reduce, viewPath } from "../../web/lib/selma_state.js";
+import {
+  addPoint, chartPoints, emptyChart, emptyState, MAX_CHART_POINTS, publicState, reduce, viewPath,
+} from "../../web/lib/selma_state.js";
 
 function run(kind, events, state = undefined) {
   return events.reduce((current, event) => reduce(current, kind, event), state);
@@ -45,6 +47,24 @@ test("a resumed run drops the points past its checkpoint, then redraws them", ()
   assert.deepEqual(resumed.points, [[1, 1], [2, 2], [3, 9]]);
 });
 
+test("queueing the node again keeps the old curve while the trainer starts, then the new run replaces it", () => {
+  const steps = (count, loss) => Array.from({ length: count }, (_, index) => (
+    { kind: "step", step: index + 1, max_steps: count, loss, seconds: 1 }));
+  const long = run("train", steps(5000, 1), undefined);
+  const started = run("train", [{ kind: "start" }, { kind: "cache_ready", cache_kind: "text" }], long);
+  assert.equal(started.points.length, long.points.length, "the finished curve stays on screen while caching");
+  assert.equal(started.stepsPerSecond, null, "the old run's speed is not this run's");
+  const fresh = run("train", steps(3, 0.5), started);
+  assert.deepEqual(fresh.points, [[1, 0.5], [2, 0.5], [3, 0.5]], "a short run gets every step, not 5000-run buckets");
+  assert.equal(fresh.maxSteps, 3);
+});
+
+test("an id that now names a node of another kind starts from an empty state", () => {
+  const train = reduce(undefined, "train", { kind: "step", step: 4, max_steps: 10, loss: 0.3, seconds: 1 });
+  const prompts = reduce(train, "prompts", { kept: 3, target: 9, latest: ["a"] });
+  assert.deepEqual(prompts, { ...emptyState("prompts"), kept: 3, target: 9, latest: ["a"] });
+});
+
 test("cache progress shows while the trainer caches", () => {
   const state = run("train", [{ kind: "cache", cache_kind: "latents", done: 3, total: 8 }]);
   assert.equal(state.phase, "caching");
@@ -75,6 +95,13 @@ test("the prompts node counts kept prompts and shows the latest, then rejections
   assert.equal(done.reachedTarget, true);
 });
 
+test("a new prompts run forgets the last run's rejections until it ends", () => {
+  const finished = reduce(undefined, "prompts", { done: true, kept: 5, target: 5, reached_target: true,
+    rejected: { similar: 2 }, message: "kept 5 of 5" });
+  const again = reduce(finished, "prompts", { kept: 3, target: 8, requests: 0, latest: ["x"] });
+  assert.deepEqual([again.done, again.rejected, again.reachedTarget, again.message], [false, null, null, null]);
+});
+
 test("the render node keeps the newest previews as /view queries", () => {
   const images = (from, to) => Array.from({ length: to - from }, (_, index) => ({
     filename: `${String(from + index).padStart(6, "0")}.png`, subfolder: "selma/datasets/counting", type: "output" }));
@@ -83,6 +110,14 @@ test("the render node keeps the newest previews as /view queries", () => {
   assert.equal(state.previews.length, 6);
   assert.equal(state.previews[5].filename, "000007.png");
   assert.equal(viewPath(state.previews[5]), "/view?filename=000007.png&subfolder=selma%2Fdatasets%2Fcounting&type=output");
+});
+
+test("a render run's start event replaces the previews of the node's last run", () => {
+  const image = (name) => ({ filename: name, subfolder: "selma/datasets/a", type: "output" });
+  const earlier = run("render", [{ kind: "batch", done: 2, total: 2, images: [image("old0.png"), image("old1.png")] }]);
+  const resumed = run("render", [{ kind: "start", done: 1, total: 4, images: [image("new0.png")] }], earlier);
+  assert.deepEqual(resumed.previews.map(({ filename }) => filename), ["new0.png"]);
+  assert.deepEqual([resumed.done, resumed.total], [1, 4]);
 });
 
 test("the merge node shows method, sources with weights and the output", () => {
@@ -98,4 +133,14 @@ test("every state is plain JSON", () => {
     assert.deepEqual(JSON.parse(JSON.stringify(state)), state);
   }
   assert.throws(() => emptyState("paint"), /unknown SELMA node kind "paint"/);
+});
+
+test("the snapshot window.SELMA.state gives is a JSON copy without the chart's buckets", () => {
+  const state = reduce(undefined, "train", { kind: "step", step: 1, max_steps: 2, loss: 0.7, seconds: 1 });
+  const snapshot = publicState(state);
+  assert.equal("chart" in snapshot, false);
+  assert.deepEqual(snapshot.points, [[1, 0.7]]);
+  assert.deepEqual(JSON.parse(JSON.stringify(snapshot)), snapshot);
+  snapshot.points.push([2, 0]);
+  assert.deepEqual(state.points, [[1, 0.7]], "changing the snapshot leaves the state alone");
 });

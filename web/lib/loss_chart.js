@@ -1,7 +1,7 @@
 /** The Train node's loss chart: geometry as pure functions, drawing on any 2D canvas context. */
 
 /** Weight of each new point in the smoothed line (an exponential moving average, as TensorBoard draws). */
-export const SMOOTHING = 0.1;
+export const SMOOTHING = 0.2;
 
 /** The exponential moving average of the losses, one value per point. */
 export function smoothed(points, weight = SMOOTHING) {
@@ -36,15 +36,20 @@ function polyline(context, coordinates) {
   context.stroke();
 }
 
-/** Draw the chart of a train state (see selma_state.js) into `context`, filling `width` x `height`. */
+/**
+ * Draw the chart of a train state (see selma_state.js) into `context`, filling `width` x `height`.
+ * The loss labels sit top right and bottom left, the corners a falling curve leaves free.
+ */
 export function drawLossChart(context, state, width, height) {
   context.fillStyle = "#1b1b1b";
   context.fillRect(0, 0, width, height);
   const geometry = chartGeometry(state.points, state.maxSteps, width, height, 6);
   context.font = "10px sans-serif";
   context.fillStyle = "#888";
+  context.textAlign = "left";
   if (geometry.raw.length === 0) {
-    context.fillText("loss: no steps yet", 8, height / 2);
+    const waiting = state.done ? "finished before this page saw a step" : "loss: waiting for the first step";
+    context.fillText(waiting, 8, height / 2);
     return;
   }
   context.lineWidth = 1;
@@ -54,6 +59,7 @@ export function drawLossChart(context, state, width, height) {
   context.strokeStyle = "#7ab0ff";
   polyline(context, geometry.smooth);
   context.fillStyle = "#aaa";
-  context.fillText(Number(geometry.maxLoss).toPrecision(3), 8, 14);
-  context.fillText(Number(geometry.minLoss).toPrecision(3), 8, height - 6);
+  context.fillText(`loss ${Number(geometry.minLoss).toPrecision(3)}`, 8, height - 6);
+  context.textAlign = "right";
+  context.fillText(`loss ${Number(geometry.maxLoss).toPrecision(3)}`, width - 8, 14);
 }
