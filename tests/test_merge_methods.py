@@ -19,6 +19,8 @@ from comfyui_selma.trainer.merge_methods import (
     truncate_dense,
     truncate_product,
 )
+from comfyui_selma.trainer.merge_methods import _top_eigenvectors  # the eigensolver every truncation uses
+
 
 WEIGHTS = [0.5, 0.3, -0.2]
 
@@ -107,6 +109,51 @@ def test_dense_truncation_is_the_best_approximation(shape):
                                                                  abs=1e-6 * float(delta.norm()))
 
 
+def _symmetric_with_spectrum(values: torch.Tensor, seed: int) -> torch.Tensor:
+    basis, _ = torch.linalg.qr(torch.randn(len(values), len(values), dtype=torch.float64,
+                                           generator=torch.Generator().manual_seed(seed)))
+    return (basis * values) @ basis.T
+
+
+SPECTRA = {
+    "random": torch.rand(60, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+    "leading cluster": torch.cat([torch.full((12,), 3.0, dtype=torch.float64), torch.linspace(0, 1, 48,
+                                                                                            dtype=torch.float64)]),
+    "rank deficient": torch.cat([torch.linspace(1, 2, 5, dtype=torch.float64), torch.zeros(55, dtype=torch.float64)]),
+}
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA, ids=list(SPECTRA))
+@pytest.mark.parametrize("count", [1, 9, 20])
+def test_top_eigenvectors_are_orthonormal_and_span_the_leading_eigenspace(spectrum, count):
+    """Clusters that straddle the cut and wanted eigenvalues that are all zero included."""
+    values = SPECTRA[spectrum]
+    matrix = _symmetric_with_spectrum(values, seed=count)
+    vectors = _top_eigenvectors(matrix.float().numpy().copy(order="F"), count).double()
+    assert vectors.shape == (60, count)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(count, dtype=torch.float64), rtol=0, atol=1e-4)
+    leading = torch.sort(values, descending=True).values[:count]
+    torch.testing.assert_close(torch.diag(vectors.T @ matrix @ vectors), leading, rtol=0, atol=1e-5)
+    # What the leading space holds, the vectors hold: nothing of it is left in the residual.
+    residual = matrix @ vectors - vectors @ (vectors.T @ matrix @ vectors)
+    assert float(residual.norm()) <= 1e-4 * float(values.abs().max())
+
+
+def test_top_eigenvectors_of_a_matrix_that_splits_into_blocks():
+    """A block-diagonal matrix tridiagonalises with zero off-diagonals; equal eigenvalues sit in different blocks."""
+    block = _symmetric_with_spectrum(torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64), seed=3)
+    matrix = torch.block_diag(block, block, torch.diag(torch.tensor([3.0, 0.1], dtype=torch.float64)))
+    vectors = _top_eigenvectors(matrix.float().numpy().copy(order="F"), 5).double()
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.diag(vectors.T @ matrix @ vectors),
+                               torch.tensor([4.0, 4.0, 3.0, 2.0, 2.0], dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_top_eigenvectors_of_zero_are_still_orthonormal():
+    vectors = _top_eigenvectors(torch.zeros(8, 8).numpy().copy(order="F"), 3)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(3), rtol=0, atol=1e-6)
+
+
 def test_svd_rank_defaults_to_the_largest_expert_rank():
     assert svd(_experts(), WEIGHTS, MergeOptions()).rank == 6
 
@@ -123,14 +170,17 @@ def test_truncation_survives_rank_deficient_and_zero_factors():
 
 
 @pytest.mark.parametrize("decades", [1, 3, 6])
-def test_truncation_of_ill_conditioned_factors_is_still_the_best_approximation(decades):
+def test_truncation_of_ill_conditioned_factors_is_still_the_best_approximation(decades, monkeypatch):
     """up's singular values spread over ``decades`` decades: mild ones take the Cholesky route, the worst the QR."""
     generator = torch.Generator().manual_seed(decades)
-    left, _ = torch.linalg.qr(torch.randn(200, 40, generator=generator, dtype=torch.float64))
+    left, _ = torch.linalg.qr(torch.randn(300, 40, generator=generator, dtype=torch.float64))
     right, _ = torch.linalg.qr(torch.randn(40, 40, generator=generator, dtype=torch.float64))
-    up = ((left * torch.logspace(0, -decades, 40, dtype=torch.float64)) @ right.T).float()
-    down = torch.randn(40, 300, generator=generator)
+    up = ((left * torch.logspace(0, -decades, 40, dtype=torch.float64)) @ right.T).float()  # the longer factor
+    down = torch.randn(40, 200, generator=generator)
+    householder_qr, geqrf = [], torch.geqrf
+    monkeypatch.setattr(torch, "geqrf", lambda *args: householder_qr.append(args) or geqrf(*args))
     new_up, new_down = truncate_product(up, down, 10)
+    assert bool(householder_qr) == (decades == 6)
     target = up.double() @ down.double()
     error = float((target - (new_up @ new_down).double()).norm())
     assert error == pytest.approx(_best_rank_error(target, 10), rel=1e-5)
@@ -141,9 +191,9 @@ def test_truncation_is_the_best_approximation_where_down_leans_on_up_weak_direct
     """ΔW's leading directions lie where up is weakest and down makes up for it: the float32 Gram upᵀ·up is
     still positive definite, but its Cholesky factor is too coarse exactly in the directions that count."""
     generator = torch.Generator().manual_seed(7)
-    left, _ = torch.linalg.qr(torch.randn(200, 40, generator=generator, dtype=torch.float64))
+    left, _ = torch.linalg.qr(torch.randn(300, 40, generator=generator, dtype=torch.float64))
     mixing, _ = torch.linalg.qr(torch.randn(40, 40, generator=generator, dtype=torch.float64))
-    right, _ = torch.linalg.qr(torch.randn(300, 40, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(200, 40, generator=generator, dtype=torch.float64))
     strength = torch.logspace(0, -decades, 40, dtype=torch.float64)
     singular = torch.linspace(1.0, 0.5, 40, dtype=torch.float64)[torch.randperm(40, generator=generator)]
     up = ((left * strength) @ mixing.T).float()
