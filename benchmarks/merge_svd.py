@@ -5,10 +5,11 @@ of attn1 and attn2: 560 layers; shapes from diffusers' UNet2DConditionModel buil
 from the shipped SDXL config), merged with weights 1/5 and re-factored to rank 128 two ways, in the
 same run, layer by layer, alternating which goes first:
 
-- ours: ``trainer.merge_methods.svd`` (``truncate_product``) — where the total rank R = 640 is below
-  both sides (1280 x 1280, 1280 x 2048): T from the Cholesky factor of the 640 x 640 Gram upᵀ·up, S = T·down,
-  and only the 128 leading eigenvectors of S·Sᵀ (LAPACK syevr on an index range); where R reaches a side
-  (640 x 640, 640 x 2048): ΔW formed, its shorter-side Gram, the same partial eigensolve. Never an SVD;
+- ours: ``trainer.merge_methods.svd`` (``trainer.low_rank.truncate_product``) — where the total rank
+  R = 640 is below the longer side (1280 x 1280, 1280 x 2048, 640 x 2048): T from the Cholesky factor of
+  the 640 x 640 Gram of the longer factor, S = T·(the other), and only the 128 leading eigenvectors of
+  S·Sᵀ (tridiagonal reduction, inverse iteration for the wanted 128, reflectors applied to those alone);
+  where R reaches it (640 x 640): ΔW formed, its Gram, the same partial eigensolve. Never an SVD;
 - full: form ΔW = Σ w_i·scale_i·up_i·down_i, ``torch.linalg.svd(ΔW, full_matrices=False)``, keep 128.
 
 Reported per layer shape: time, relative reconstruction error ||ΔW − up·down||_F / ||ΔW||_F of each

@@ -21,6 +21,12 @@ def random_module(out_features: int, in_features: int, rank: int, seed: int, alp
     return LoraModule(down=down, up=up, alpha=float(rank if alpha is None else alpha))
 
 
+def best_rank_error(delta: torch.Tensor, rank: int) -> float:
+    """||ΔW − its best rank-``rank`` approximation||_F, from a float64 SVD (Eckart–Young)."""
+    singular_values = torch.linalg.svdvals(delta.double())
+    return float(singular_values[rank:].square().sum().sqrt())
+
+
 def attention_modules(architecture_name: str, count: int) -> list[tuple[str, int, int]]:
     """(kohya name, out, in) of the first ``count`` UNet attention projections of a family."""
     projections = architecture(architecture_name).attention_projections()[:count]
