@@ -110,3 +110,12 @@ def test_truncation_is_the_best_approximation_where_down_leans_on_up_weak_direct
     target = up.double() @ down.double()
     error = float((target - (new_up @ new_down).double()).norm())
     assert error == pytest.approx(best_rank_error(target, 8), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_factors_of_any_float_dtype_come_out_float32_and_best(dtype):
+    up, down = torch.randn(40, 12).to(dtype), torch.randn(12, 30).to(dtype)
+    new_up, new_down = truncate_product(up, down, 5)
+    assert new_up.dtype == new_down.dtype == torch.float32
+    delta = up.float() @ down.float()
+    assert float((delta - new_up @ new_down).norm()) == pytest.approx(best_rank_error(delta, 5), rel=1e-4)

@@ -180,9 +180,10 @@ def _dense(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _as_array(matrix: torch.Tensor) -> np.ndarray:
+    """A float32 numpy view (or copy) of ``matrix``, which may live on any device and in any float dtype."""
     import torch
 
-    return matrix.detach().to(torch.float32).numpy()
+    return matrix.detach().to("cpu", torch.float32).numpy()
 
 
 def truncate_product(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +200,7 @@ def truncate_product(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[t
     new_up @ new_down = P_k·ΔW, the truncated SVD (Eckart–Young). Cost O((out + in)·R² + R³) — the
     eigensolver only computes the k wanted vectors — against the O(out·in·min(out, in)) of a full SVD;
     nothing larger than ΔW's factors is formed. When ``rank`` ≥ R the projection is the identity on ΔW's
-    column space: the result equals ΔW. Float32 factors out, whatever the inputs' dtype.
+    column space: the result equals ΔW. Float32 CPU factors out, whatever the inputs' dtype and device.
     """
     import torch
 
