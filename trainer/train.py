@@ -173,9 +173,15 @@ def load_base_model(config: TrainConfig, architecture: str, load_dtype: torch.dt
 
 
 def add_lora(model: BaseModel, config: TrainConfig) -> None:
-    """Wrap the UNet (and, if asked, the text encoders) with PEFT LoRA layers, seeded."""
+    """Wrap the UNet (and, if asked, the text encoders) with PEFT LoRA layers, seeded.
+
+    The layers go in through peft's own ``inject_adapter_in_model``, not the libraries'
+    ``add_adapter``: transformers' version refuses peft releases it has not been tested with
+    (transformers 5.24 wants peft >= 0.22, which the registry does not have), and a ComfyUI
+    environment brings whatever transformers and peft it already has.
+    """
     import torch
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(derived_seed(config.seed, "lora-init"))
     targets = config.target_modules()
@@ -185,14 +191,15 @@ def add_lora(model: BaseModel, config: TrainConfig) -> None:
         conv_pattern = "|".join(name.replace(".", r"\.") for name in UNET_CONV_MODULES)
         rank_pattern[conv_pattern] = config.conv_dim
         alpha_pattern[conv_pattern] = config.effective_conv_alpha()
-    model.unet.add_adapter(LoraConfig(r=config.network_dim, lora_alpha=config.network_alpha,
-                                      init_lora_weights="gaussian", target_modules=targets,
-                                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
+    inject_adapter_in_model(LoraConfig(r=config.network_dim, lora_alpha=config.network_alpha,
+                                       init_lora_weights="gaussian", target_modules=targets,
+                                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern), model.unet)
     if config.train_text_encoder:
         for index, encoder in enumerate(model.text_encoders):
-            encoder.add_adapter(LoraConfig(r=config.network_dim, lora_alpha=config.network_alpha,
-                                           init_lora_weights="gaussian",
-                                           target_modules=text_encoder_targets(model.architecture, index, encoder)))
+            inject_adapter_in_model(LoraConfig(r=config.network_dim, lora_alpha=config.network_alpha,
+                                               init_lora_weights="gaussian",
+                                               target_modules=text_encoder_targets(model.architecture, index,
+                                                                                   encoder)), encoder)
 
 
 def text_encoder_targets(architecture: str, index: int, encoder) -> list[str]:
