@@ -2,28 +2,69 @@
 
 The node writes ``<output>/selma/prompts/<name>.jsonl`` and continues it when queued again, so a
 cancelled run (cancel is honoured between LLM requests) keeps every accepted prompt and a re-queue
-picks up where it stopped. The API key is read from the environment variable a widget NAMES; no
-widget, event or file ever holds the key itself.
+picks up where it stopped.
+
+Every widget value is untrusted: a workflow may come from anyone, and ComfyUI runs whatever graph
+reaches its port. So the workflow never chooses both where a key goes and which key: ``base_url``
+picks an endpoint from the server owner's endpoints file (``trainer.endpoints``) and gets that
+endpoint's key, or names a URL of its own, called without a key; and the blocklist is read only
+from ComfyUI's input or output folder. No widget, event or file ever holds a key.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+from ..trainer.endpoints import APIS, Route, endpoints_file, load_endpoints, route_for_workflow
 from ..trainer.files import check_name
-from ..trainer.llm_backends import APIS, BACKENDS
+from ..trainer.llm_backends import BACKENDS
 from ..trainer.prompt_set import PromptSet, prompt_set_of
 from ..trainer.prompts import PromptConfig, ProgressUpdate, expand_prompts
 from ..trainer.settings import default_of, help_of
 from ..trainer.skills import skill_names
-from .comfy_runtime import NodeProgress, selma_output_path, send_event
+from .comfy_runtime import NodeProgress, output_directory, selma_output_path, send_event
 
 EVENT = "selma.prompts"
 LATEST_SHOWN = 5
+ENDPOINTS_FILE = ("selma", "endpoints.toml")  # under ComfyUI's user directory, unless $SELMA_ENDPOINTS names one
+BASE_URL_TIP = ("Which LLM endpoint: the name of one the server's owner configured (built in: 'openai'; more in "
+                "ComfyUI/user/selma/endpoints.toml or the file $SELMA_ENDPOINTS names), which brings its own key, "
+                "or any http(s) URL (e.g. http://127.0.0.1:11434/v1 for Ollama), called WITHOUT a key. A configured "
+                "endpoint's URL counts as that endpoint.")
+API_KEY_ENV_TIP = ("Leave empty: a configured endpoint's key is the one its owner bound to it. A workflow can never "
+                   "pick which key is sent, nor send one to a URL of its choosing; this may only repeat the "
+                   "endpoint's own variable name (as older workflows do) and is refused otherwise.")
+BLOCKLIST_TIP = (help_of(PromptConfig, "blocklist") + " A file in ComfyUI's input folder (a name relative to it, "
+                 "e.g. benchmarks/dsg.txt) or a path inside the input or output folder; nothing else is read.")
 
 
 def _tip(name: str) -> str:
     return help_of(PromptConfig, name)
+
+
+def _blocklist_path(value: str) -> str:
+    """A blocklist path a workflow gave, if it lies in ComfyUI's input or output folder (symlinks followed)."""
+    import folder_paths
+
+    text = value.strip()
+    if not text:
+        return ""
+    input_folder = Path(folder_paths.get_input_directory()).resolve()
+    allowed = (input_folder, output_directory().resolve())
+    resolved = (Path(text) if os.path.isabs(text) else input_folder / text).resolve()
+    if not any(resolved.is_relative_to(folder) for folder in allowed):
+        raise ValueError(f"blocklist: {text!r} is outside ComfyUI's input and output folders, the only files a "
+                         f"workflow may make the server read; put the file in {input_folder} and give its name "
+                         "relative to it")
+    return str(resolved)
+
+
+def _endpoints_file() -> Path | None:
+    import folder_paths
+
+    return endpoints_file(Path(folder_paths.get_user_directory()).joinpath(*ENDPOINTS_FILE))
 
 
 class SelmaSkillPrompts:
@@ -33,8 +74,8 @@ class SelmaSkillPrompts:
                    "each request shows the skill's instruction and 3 examples sampled from all kept prompts; a "
                    "candidate is kept only if its ROUGE-L against every kept prompt is at most the threshold. "
                    "Writes output/selma/prompts/<name>.jsonl and continues it when queued again; cancel stops "
-                   "between requests and keeps what was accepted. The API key comes from the environment "
-                   "variable you name, never from a widget.")
+                   "between requests and keeps what was accepted. API keys live in the server's environment, "
+                   "bound to the endpoints its owner configured; a URL of the workflow's own gets no key.")
     FUNCTION = "generate"
     RETURN_TYPES = ("SELMA_PROMPTS", "STRING")
     RETURN_NAMES = ("prompts", "path")
@@ -48,11 +89,10 @@ class SelmaSkillPrompts:
                 "skill": (skill_names(), {"default": default_of(PromptConfig, "skill"), "tooltip": _tip("skill")}),
                 "backend": (list(BACKENDS), {"default": default_of(PromptConfig, "backend"),
                                              "tooltip": _tip("backend")}),
-                "base_url": ("STRING", {"default": default_of(PromptConfig, "base_url"), "tooltip": _tip("base_url")}),
+                "base_url": ("STRING", {"default": "openai", "tooltip": BASE_URL_TIP}),
                 "model": ("STRING", {"default": default_of(PromptConfig, "model"), "tooltip": _tip("model")}),
                 "api": (list(APIS), {"default": default_of(PromptConfig, "api"), "tooltip": _tip("api")}),
-                "api_key_env": ("STRING", {"default": default_of(PromptConfig, "api_key_env"),
-                                           "tooltip": _tip("api_key_env")}),
+                "api_key_env": ("STRING", {"default": "", "tooltip": API_KEY_ENV_TIP}),
                 "count": ("INT", {"default": default_of(PromptConfig, "count"), "min": 1, "max": 1_000_000,
                                   "tooltip": _tip("count")}),
                 "threshold": ("FLOAT", {"default": default_of(PromptConfig, "threshold"), "min": 0.01, "max": 1.0,
@@ -67,7 +107,7 @@ class SelmaSkillPrompts:
             "optional": {
                 "description": ("STRING", {"default": "", "multiline": True, "tooltip": _tip("description")}),
                 "seeds": ("STRING", {"default": "", "multiline": True, "tooltip": _tip("seeds")}),
-                "blocklist": ("STRING", {"default": "", "tooltip": _tip("blocklist")}),
+                "blocklist": ("STRING", {"default": "", "tooltip": BLOCKLIST_TIP}),
                 "max_requests": ("INT", {"default": default_of(PromptConfig, "max_requests"), "min": 1,
                                          "max": 1_000_000, "tooltip": _tip("max_requests")}),
                 "max_words": ("INT", {"default": default_of(PromptConfig, "max_words"), "min": 0, "max": 10_000,
@@ -80,11 +120,14 @@ class SelmaSkillPrompts:
                  threshold: float, seed: int, name: str, description: str = "", seeds: str = "",
                  blocklist: str = "", max_requests: int | None = None, max_words: int = 0,
                  unique_id: str | None = None) -> tuple[PromptSet, str]:
+        route = Route(base_url.strip(), "", "")  # the other backends send nothing anywhere
+        if backend == "openai":
+            route = route_for_workflow(base_url, api_key_env, api, load_endpoints(_endpoints_file()))
         config = PromptConfig(
             skill=skill, description=description, seeds=[line for line in seeds.splitlines() if line.strip()],
-            count=count, threshold=threshold, max_words=max_words, blocklist=blocklist.strip(), backend=backend,
-            base_url=base_url.strip(), model=model.strip(), api=api, api_key_env=api_key_env.strip(), seed=seed,
-            max_requests=default_of(PromptConfig, "max_requests") if max_requests is None else max_requests)
+            count=count, threshold=threshold, max_words=max_words, blocklist=_blocklist_path(blocklist),
+            backend=backend, base_url=route.base_url, model=model.strip(), api=api, api_key_env=route.api_key_env,
+            seed=seed, max_requests=default_of(PromptConfig, "max_requests") if max_requests is None else max_requests)
         file_name = (name.strip() or skill).removesuffix(".jsonl")
         output_path = selma_output_path("prompts", check_name(file_name, "name") + ".jsonl")
 

@@ -52,6 +52,7 @@ def _build_modules(state: ComfyStandIns) -> dict[str, types.ModuleType]:
     folder_paths.get_output_directory = lambda: str(state.output_dir)
     folder_paths.get_temp_directory = lambda: str(state.base_dir / "temp")
     folder_paths.get_input_directory = lambda: str(state.base_dir / "input")
+    folder_paths.get_user_directory = lambda: str(state.base_dir / "user")
     folder_paths.get_folder_paths = lambda folder_name: [str(state.models_dir(folder_name))]
 
     def get_filename_list(folder_name: str) -> list[str]:

@@ -1,4 +1,7 @@
-"""The SELMA Skill Prompts node: outputs, progress, cancel and re-queue, and a key that stays in the environment."""
+"""The SELMA Skill Prompts node: outputs, progress, cancel and re-queue, and a key that stays in the environment.
+
+What a workflow may make the node do with keys and files is specified in ``test_prompts_security.py``.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ def test_node_is_registered_with_its_display_name_and_category():
 def test_the_seed_widget_gets_no_randomising_control_and_no_widget_is_for_a_key():
     inputs = SelmaSkillPrompts.INPUT_TYPES()
     assert inputs["required"]["seed"][1]["control_after_generate"] is False
-    assert inputs["required"]["api_key_env"][1]["default"] == "OPENAI_API_KEY"
+    assert inputs["required"]["base_url"][1]["default"] == "openai"  # the built-in endpoint, with its own key
+    assert inputs["required"]["api_key_env"][1]["default"] == ""
     widget_names = set(inputs["required"]) | set(inputs["optional"])
     assert not {name for name in widget_names if "key" in name} - {"api_key_env"}
 
@@ -83,10 +87,18 @@ def test_cancel_keeps_accepted_prompts_and_a_requeue_continues_to_the_uninterrup
     assert prompt_set.prompts == reference.prompts
 
 
+def _configure_endpoint(comfy, base_url: str, api_key_env: str) -> None:
+    """What the server's owner does: bind a key variable to an endpoint in ComfyUI/user/selma/endpoints.toml."""
+    settings = comfy.base_dir / "user" / "selma" / "endpoints.toml"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(f'[endpoints.local]\nbase_url = "{base_url}"\napi_key_env = "{api_key_env}"\n')
+
+
 def test_the_key_from_the_environment_is_used_but_never_written_anywhere(comfy, openai_server, monkeypatch):
     monkeypatch.setenv("SELMA_NODE_KEY", KEY)
-    widgets = _inputs(skill="everyday_objects", backend="openai", base_url=openai_server.base_url, model=MODEL,
-                      api="chat", api_key_env="SELMA_NODE_KEY", count=45, name="objects")
+    _configure_endpoint(comfy, openai_server.base_url, "SELMA_NODE_KEY")
+    widgets = _inputs(skill="everyday_objects", backend="openai", base_url="local", model=MODEL,
+                      api="chat", api_key_env="", count=45, name="objects")
     prompt_set, path = SelmaSkillPrompts().generate(**widgets, unique_id="3")
     assert len(prompt_set) == 45
     assert all(request["headers"]["authorization"] == f"Bearer {KEY}" for request in openai_server.requests)
@@ -103,17 +115,18 @@ def test_the_key_from_the_environment_is_used_but_never_written_anywhere(comfy, 
 
 def test_a_refused_key_fails_without_showing_it_and_keeps_the_seeds(comfy, openai_server, monkeypatch):
     monkeypatch.setenv("SELMA_NODE_KEY", KEY)
+    _configure_endpoint(comfy, openai_server.base_url, "SELMA_NODE_KEY")
     openai_server.script = [status(401, f"Incorrect API key provided: {KEY}")]
     with pytest.raises(Exception) as error:
-        _run(skill="everyday_objects", backend="openai", base_url=openai_server.base_url, model=MODEL, api="chat",
-             api_key_env="SELMA_NODE_KEY", name="refused")
+        _run(skill="everyday_objects", backend="openai", base_url="local", model=MODEL, api="chat",
+             api_key_env="", name="refused")
     assert KEY not in str(error.value) and "SELMA_NODE_KEY" in str(error.value)
     assert len(read_prompt_set(comfy.output_dir / "selma" / "prompts" / "refused.jsonl")) == 3
 
 
 def test_a_custom_skill_takes_its_description_and_seeds_from_multiline_widgets(comfy, openai_server):
     prompt_set, _ = _run(skill="custom", backend="openai", base_url=openai_server.base_url, model=MODEL, api="chat",
-                         api_key_env="SELMA_UNSET_VARIABLE", count=10, name="tools",
+                         api_key_env="", count=10, name="tools",
                          description="Photos of garden tools.", seeds="A rake.\n\nA spade in soil.\nA hose reel.\n")
     assert prompt_set.skill == "custom" and prompt_set.prompts[:3] == ("A rake.", "A spade in soil.", "A hose reel.")
     assert "Photos of garden tools." in openai_server.requests[0]["body"]["messages"][0]["content"]

@@ -1,4 +1,7 @@
-"""A prompt run that stops — cancelled, out of budget, killed mid-line — continues to the same file."""
+"""A prompt run that stops — cancelled, out of budget, killed — continues to the same file.
+
+A damaged last line, other settings and a second writer are specified in ``test_prompts_files.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 
 import pytest
 
-from comfyui_selma.trainer.prompt_set import PromptSetError, read_prompt_set, repair_torn_tail
+from comfyui_selma.trainer.prompt_set import PromptSetError, read_prompt_set
 from comfyui_selma.trainer.prompts import PromptConfig, expand_prompts, summary_path_for
 
 
@@ -49,29 +52,6 @@ def test_interrupted_then_rerun_ends_with_the_same_file_as_an_uninterrupted_run(
     assert summary.kept == 150 and summary.reached_target
 
 
-def test_a_torn_final_line_from_a_crash_is_dropped_and_the_run_continues(tmp_path):
-    output = tmp_path / "objects.jsonl"
-    expand_prompts(_config(count=40), output)
-    data = output.read_bytes()
-    output.write_bytes(data[:-25])  # the process died in the middle of writing the last line
-    assert len(read_prompt_set(output)) == 39
-
-    summary = expand_prompts(_config(count=40), output)
-    records = read_prompt_set(output)
-    assert summary.kept == 40 and len(records) == 40
-    assert output.read_bytes().endswith(b"}\n")
-    assert len({record.prompt for record in records}) == 40
-
-
-def test_repair_adds_the_missing_newline_to_a_whole_final_line(tmp_path):
-    output = tmp_path / "objects.jsonl"
-    expand_prompts(_config(count=10), output)
-    output.write_bytes(output.read_bytes()[:-1])
-    assert repair_torn_tail(output)
-    assert len(read_prompt_set(output)) == 10 and output.read_bytes().endswith(b"}\n")
-    assert not repair_torn_tail(output)
-
-
 @pytest.mark.parametrize("damage, message", [
     (lambda lines: lines[:5] + ["{not json"] + lines[5:], r":6: not valid JSON"),
     (lambda lines: lines[:2] + [""] + lines[2:], r":3: empty line"),
@@ -79,7 +59,7 @@ def test_repair_adds_the_missing_newline_to_a_whole_final_line(tmp_path):
     (lambda lines: lines[:1] + ['{"prompt": "", "skill": "commonsense_defying", "source": "llm", "max_rouge_l": 0}']
      + lines[1:], r":2: field 'prompt' is empty"),
     (lambda lines: lines[:3] + ['{"prompt": "x", "skill": "commonsense_defying", "source": "gpt", "max_rouge_l": 0}']
-     + lines[3:], r":4: field 'source' is 'gpt'"),
+     + lines[3:], r":4: field 'source' is missing or unknown; expected one of seed, llm, template"),
 ])
 def test_a_damaged_line_before_the_end_is_an_error_naming_file_and_line_and_nothing_is_changed(tmp_path, damage,
                                                                                               message):
@@ -116,9 +96,19 @@ def _uninterrupted(tmp_path, **overrides):
     return path
 
 
+class NoRequests:
+    source = "template"
+
+    def complete(self, request: str, next_number: int, request_index: int):
+        raise AssertionError("a finished set must not make a request")
+
+    def close(self) -> None:
+        pass
+
+
 def test_a_finished_set_is_returned_without_requests(tmp_path):
     output = tmp_path / "objects.jsonl"
     expand_prompts(_config(count=30), output)
     before = output.read_bytes()
-    summary = expand_prompts(_config(count=30, backend="openai", base_url="http://127.0.0.1:9/v1", model="m"), output)
+    summary = expand_prompts(_config(count=30), output, backend=NoRequests())
     assert summary.reached_target and output.read_bytes() == before

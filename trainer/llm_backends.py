@@ -9,7 +9,11 @@ that number is put back in front of the reply before parsing.
 The openai client does the retrying: ``max_retries`` attempts on connection errors, timeouts, 408,
 409, 429 and 5xx, with exponential backoff and the server's ``retry-after`` honoured. What is still
 failing after that becomes an :class:`LLMError` that says what to check. An API key is only ever read
-from the environment and is redacted from every message.
+from the environment, never sent over plain http to another machine, and redacted from every
+message, as are credentials written into the base URL. The client sends only its own headers: the
+``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID`` and ``OPENAI_CUSTOM_HEADERS`` the openai package would add
+from the environment never reach an endpoint (which endpoint gets which key is :mod:`.endpoints`'s
+business, and a workflow may name the URL).
 """
 
 from __future__ import annotations
@@ -19,16 +23,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
+from .endpoints import APIS, check_env_name, key_transport_problem, redact, redact_url, url_secrets
 from .template_prompts import template_prompts
 
 BACKENDS = ("openai", "transformers", "template")
-APIS = ("completions", "chat")
 _NUMBERED_LINE = re.compile(r"^\s*(?:\*\*)?\(?(\d{1,4})\s*[.):](?:\*\*)?(?:\s+|$)(.*?)\s*$")
 _QUOTES = "\"'“”‘’`"
-# Capitals, digits and '_' (POSIX's portable names): API keys nearly always hold lowercase letters, so a key
-# pasted into the name field is refused rather than echoed back in a "variable not set" message.
-_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 # A local server (Ollama, vLLM, LM Studio, llama.cpp) ignores the key; the client still wants one.
 _PLACEHOLDER_KEY = "not-needed"
 
@@ -68,25 +70,30 @@ def parse_numbered_list(text: str) -> list[str]:
     return items
 
 
-def check_env_name(name: str, field: str = "api_key_env") -> str:
-    """Return ``name`` if it can name an environment variable. The value is never echoed: it may be a key."""
-    if not _ENV_NAME.match(name or ""):
-        raise ValueError(f"{field}: expected the NAME of an environment variable holding the API key (capital "
-                         "letters, digits and '_', e.g. OPENAI_API_KEY), not the key itself; the value given is not "
-                         "such a name and is not shown here")
-    return name
-
-
 def api_key_from_environment(env_name: str, base_url: str) -> str:
-    """The key in ``$env_name``; a placeholder for a non-OpenAI endpoint when the variable is unset."""
-    check_env_name(env_name)
-    key = os.environ.get(env_name, "").strip()
+    """The key in ``$env_name`` ("" names none); a placeholder for a non-OpenAI endpoint when there is none.
+
+    A key is refused for plain http to another machine, where anyone on the way could read it.
+    """
+    key = os.environ.get(check_env_name(env_name), "").strip() if env_name else ""
     if key:
+        problem = key_transport_problem(base_url)
+        if problem:
+            raise LLMError(f"api_key_env: {env_name} holds a key, but {problem}")
         return key
-    if "api.openai.com" in base_url:
-        raise LLMError(f"the environment variable {env_name} is not set; it must hold the API key for {base_url} "
-                       "(set it where ComfyUI or selma runs, or name another variable in api_key_env)")
+    if _hostname(base_url) == "api.openai.com":
+        needed = (f"the environment variable {env_name} is not set" if env_name
+                  else "no environment variable is named in api_key_env")
+        raise LLMError(f"{needed}; OpenAI ({redact_url(base_url)}) needs an API key (set it where ComfyUI or selma "
+                       "runs, and name the variable in api_key_env)")
     return _PLACEHOLDER_KEY
+
+
+def _hostname(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
 
 
 def _continued(prefix: str, continuation: str) -> str:
@@ -98,8 +105,10 @@ def _continued(prefix: str, continuation: str) -> str:
     return prefix + continuation
 
 
-def _redact(text: str, secret: str) -> str:
-    return text.replace(secret, "***") if secret and secret != _PLACEHOLDER_KEY else text
+# What the client itself sets; anything else (organisation, project, OPENAI_CUSTOM_HEADERS) came from the
+# environment and is dropped, since the base URL may be a workflow's choice.
+_OWN_HEADERS = {"host", "accept", "accept-encoding", "connection", "user-agent", "content-type", "content-length",
+                "authorization"}
 
 
 class OpenAIBackend:
@@ -122,7 +131,18 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self._openai = openai
         self._api_key = api_key
-        self._client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+        self._secrets = url_secrets(base_url) + ([api_key] if api_key != _PLACEHOLDER_KEY else [])
+        http_client = openai.DefaultHttpxClient(event_hooks={"request": [self._send_own_headers_only]})
+        self._client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout,
+                                     http_client=http_client)
+
+    def _send_own_headers_only(self, request: object) -> None:
+        """httpx's request hook: only the client's own headers, and this backend's key, leave the process."""
+        headers = request.headers  # type: ignore[attr-defined]
+        for name in list(headers.keys()):
+            if name.lower() not in _OWN_HEADERS and not name.lower().startswith("x-stainless-"):
+                del headers[name]
+        headers["Authorization"] = f"Bearer {self._api_key}"
 
     def complete(self, request: str, next_number: int, request_index: int) -> Reply:
         openai = self._openai
@@ -172,13 +192,13 @@ class OpenAIBackend:
     def _choices(self, response: object) -> list:
         choices = getattr(response, "choices", None)
         if not isinstance(choices, list):  # e.g. an HTML page served with status 200 by a proxy or a web server
-            raise LLMError(f"LLM endpoint {self.base_url} answered with something that is not an OpenAI API "
-                           f"response (check base_url): {_redact(str(response), self._api_key)[:200]!r}")
+            raise LLMError(f"LLM endpoint {redact_url(self.base_url)} answered with something that is not an OpenAI "
+                           f"API response (check base_url): {redact(str(response), self._secrets)[:200]!r}")
         return choices
 
     def _error(self, what: str, error: Exception) -> LLMError:
-        detail = _redact(str(error), self._api_key)
-        return LLMError(f"LLM endpoint {self.base_url} (model {self.model!r}, {self.api} API) {what}. "
+        detail = redact(str(error), self._secrets)
+        return LLMError(f"LLM endpoint {redact_url(self.base_url)} (model {self.model!r}, {self.api} API) {what}. "
                         f"Server said: {detail}")
 
     def close(self) -> None:

@@ -9,8 +9,11 @@ stops when ``count`` prompts are kept or ``max_requests`` requests were made.
 Reproducible: request ``i`` samples its examples with a generator seeded by (``seed``, ``i``), and
 the template and transformers backends seed their output the same way, so a run is a function of
 the settings and the reply stream. A ``<name>.summary.json`` beside the JSONL, rewritten atomically
-after each request, holds the request count and the rejection counts, so a run that was cancelled
-or killed continues where it stopped and ends with the same file as one that was not.
+after each request, holds the request count, the rejection counts and the settings that shape the
+set, so a run that was cancelled or killed continues where it stopped and ends with the same file
+as one that was not. Continuing with other settings is refused, naming each difference
+(:mod:`.prompt_resume`). One process writes a set at a time (:func:`.locks.exclusive_lock`); a
+second is refused with the first one's pid.
 
 :class:`PromptConfig` is the one set of settings: the ``selma prompts generate`` flags and the
 SELMA Skill Prompts node's tooltips read their help text from it.
@@ -21,6 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -28,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .endpoints import APIS, check_env_name, is_http_url
 from .files import atomic_open, atomic_write_json
 from .llm_backends import (
-    APIS,
     BACKENDS,
     Backend,
     LLMError,
@@ -38,19 +43,26 @@ from .llm_backends import (
     TemplateBackend,
     TransformersBackend,
     api_key_from_environment,
-    check_env_name,
     check_model_folder,
     parse_numbered_list,
 )
+from .locks import exclusive_lock
 from .prompt_filter import REJECTION_REASONS, PromptFilter, check_threshold
+from .prompt_resume import (
+    check_kept_against_blocklist,
+    check_same_settings,
+    check_seeds_against_blocklist,
+    read_summary,
+    shaping_settings,
+)
 from .prompt_set import (
+    PromptList,
     PromptRecord,
     PromptSetError,
     PromptSetWriter,
     read_prompt_lines,
     read_prompt_objects,
     read_prompt_set,
-    repair_torn_tail,
 )
 from .settings import add_config_arguments, config_from_arguments, setting
 from .skills import SKILLS, Skill, get_skill, request_text, skill_names
@@ -84,7 +96,8 @@ class PromptConfig:
     api: str = setting("completions", "Endpoint API: 'completions' (the model continues the numbered list, as in "
                        "SELMA's release) or 'chat'.", choices=APIS)
     api_key_env: str = setting("OPENAI_API_KEY", "NAME of the environment variable that holds the API key (never "
-                               "the key itself); may be unset for local servers.")
+                               "the key itself); empty: no key. Local servers need none, so it may be unset. A key "
+                               "is never sent over plain http except to this machine.")
     temperature: float = setting(1.0, "Sampling temperature of the LLM.")
     top_p: float = setting(1.0, "Nucleus sampling top-p of the LLM.")
     max_tokens: int = setting(3072, "Most tokens the LLM may write per reply.")
@@ -114,18 +127,24 @@ class PromptConfig:
         if self.api not in APIS:
             raise ValueError(f"api: {self.api!r}; expected one of {', '.join(APIS)}")
         if self.backend == "openai":
-            check_env_name(self.api_key_env)
-            if not self.base_url.startswith(("http://", "https://")):
-                raise ValueError(f"base_url: {self.base_url!r}; expected an http(s) URL such as "
-                                 "https://api.openai.com/v1 or http://127.0.0.1:11434/v1")
-        if not self.request_timeout > 0:
+            if self.api_key_env:
+                check_env_name(self.api_key_env)
+            if not is_http_url(self.base_url):
+                raise ValueError("base_url: expected an http(s) URL such as https://api.openai.com/v1 or "
+                                 "http://127.0.0.1:11434/v1; the value given is not one (not shown: it may hold a key)")
+        if not _finite(self.request_timeout) or self.request_timeout <= 0:
             raise ValueError(f"request_timeout: {self.request_timeout!r}; expected seconds > 0")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"temperature/top_p: {self.temperature!r}/{self.top_p!r}; expected temperature >= 0 "
-                             "and top_p in (0, 1]")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: {self.temperature!r}; expected a number >= 0")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: {self.top_p!r}; expected a number in (0, 1]")
 
     def resolved_skill(self) -> Skill:
         return get_skill(self.skill, self.description, self.seeds, self.max_words)
+
+
+def _finite(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -144,6 +163,7 @@ class PromptSummary:
     completion_tokens: int | None = None
     backend: str = ""
     model: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reached_target(self) -> bool:
@@ -207,22 +227,15 @@ def check_backend(config: PromptConfig, skill: Skill) -> None:
         api_key_from_environment(config.api_key_env, config.base_url)
 
 
-def _load_summary(path: Path, fresh: PromptSummary) -> PromptSummary:
-    if not path.is_file():
-        return fresh
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        fresh.requests = int(stored.get("requests", 0))
-        fresh.replies_without_list = int(stored.get("replies_without_list", 0))
-        for reason in REJECTION_REASONS:
-            fresh.rejected[reason] = int(stored.get("rejected", {}).get(reason, 0))
-        for name in ("prompt_tokens", "completion_tokens"):
-            if stored.get(name) is not None:
-                setattr(fresh, name, int(stored[name]))
-    except (ValueError, TypeError, AttributeError) as error:
-        raise PromptSetError(f"{path}: not a prompt-run summary ({error}); delete it to start the count afresh") \
-            from None
-    return fresh
+def _restore_counts(summary: PromptSummary, stored: dict[str, Any]) -> None:
+    """Carry the request, rejection and token counts of earlier runs (checked by ``read_summary``) on."""
+    summary.requests = stored["requests"]
+    summary.replies_without_list = stored.get("replies_without_list", 0)
+    for reason in REJECTION_REASONS:
+        summary.rejected[reason] = stored.get("rejected", {}).get(reason, 0)
+    for name in ("prompt_tokens", "completion_tokens"):
+        if stored.get(name) is not None:
+            setattr(summary, name, stored[name])
 
 
 def _add_tokens(total: int | None, more: int | None) -> int | None:
@@ -233,9 +246,11 @@ def expand_prompts(config: PromptConfig, output_path: str | Path, progress: Prog
                    backend: Backend | None = None) -> PromptSummary:
     """Grow the prompt set at ``output_path`` to ``config.count`` prompts; continue it if it exists.
 
-    Every setting is checked before any file is touched or any request made. The JSONL always
-    holds every prompt accepted so far, whatever stops the run (budget, error, cancel raised by
-    ``progress``); calling again continues it.
+    Every setting is checked before any file is touched or any request made; then the set is
+    locked against a second writer, and a file there is continued only if it is a prompt set made
+    with the same settings (:mod:`.prompt_resume`). The JSONL always holds every prompt accepted so
+    far, whatever stops the run (budget, error, cancel raised by ``progress``); calling again
+    continues it.
     """
     config.validate()
     skill = config.resolved_skill()
@@ -244,30 +259,38 @@ def expand_prompts(config: PromptConfig, output_path: str | Path, progress: Prog
                          "from; expected at least that many")
     if backend is None:
         check_backend(config, skill)
-    blocklist = read_prompt_lines(config.blocklist) if config.blocklist else []
+    blocklist = read_prompt_lines(config.blocklist) if config.blocklist else None
     output_path = Path(output_path)
-    summary_path = summary_path_for(output_path)
+    with exclusive_lock(output_path):
+        return _expand_locked(config, skill, blocklist, output_path, progress, backend)
 
-    repair_torn_tail(output_path)
+
+def _expand_locked(config: PromptConfig, skill: Skill, blocklist: PromptList | None, output_path: Path,
+                   progress: ProgressCallback | None, backend: Backend | None) -> PromptSummary:
+    """:func:`expand_prompts` once this process holds the set's lock: check what is on disk, then grow it."""
+    summary_path = summary_path_for(output_path)
     records = read_prompt_set(output_path)
+    stored = read_summary(summary_path)
     if records and records[0].skill != skill.name:
-        raise PromptSetError(f"{output_path}: holds prompts of skill {records[0].skill!r}, not {skill.name!r}; "
-                             "choose another output name")
-    prompt_filter = PromptFilter(config.threshold, blocklist, skill.max_words)
+        held = f"skill {records[0].skill!r}" if records[0].skill in skill_names() else "an unknown skill"
+        raise PromptSetError(f"{output_path}: holds prompts of {held}, not {skill.name!r}; choose another output name")
+    prompt_filter = PromptFilter(config.threshold, blocklist.prompts if blocklist else (), skill.max_words)
+    settings = shaping_settings(config, skill, blocklist)
     summary = PromptSummary(skill=skill.name, path=str(output_path), target=config.count,
                             max_requests=config.max_requests, backend=config.backend,
-                            model=config.model if config.backend != "template" else "")
+                            model=config.model if config.backend != "template" else "", settings=settings)
     if records:
-        summary = _load_summary(summary_path, summary)
+        if stored is not None and stored.get("settings") is not None:
+            check_same_settings(output_path, summary_path, stored["settings"], settings)
+        else:  # a set from an older version or from `selma prompts filter`: continued with these settings
+            check_kept_against_blocklist(output_path, records, prompt_filter, blocklist)
+        if stored is not None:
+            _restore_counts(summary, stored)
         for record in records:
             prompt_filter.keep(record.prompt)
     else:
+        check_seeds_against_blocklist(skill, prompt_filter, blocklist)
         summary_path.unlink(missing_ok=True)  # a summary without its prompt set counts nothing
-        for seed_prompt in skill.seeds:
-            score, closest = prompt_filter.blocklist_score(seed_prompt)
-            if score > config.threshold:
-                raise ValueError(f"seeds: seed prompt {seed_prompt!r} has ROUGE-L {score:.3f} against blocklisted "
-                                 f"prompt {closest!r} (above threshold {config.threshold}); choose other seeds")
     summary.kept = len(records)
 
     owns_backend = backend is None
@@ -336,10 +359,13 @@ def filter_file(input_path: str | Path, output_path: str | Path, threshold: floa
     before them. Returns the counts: read, kept, rejected by reason.
     """
     check_threshold(threshold)
+    input_path, output_path = Path(input_path), Path(output_path)
+    if input_path.exists() and output_path.exists() and os.path.samefile(input_path, output_path):
+        raise ValueError(f"out: {output_path} is also the input {input_path}; write the kept lines to a new file")
     objects = read_prompt_objects(input_path)
-    prompt_filter = PromptFilter(threshold, read_prompt_lines(blocklist) if blocklist else [], max_words)
+    prompt_filter = PromptFilter(threshold, read_prompt_lines(blocklist).prompts if blocklist else (), max_words)
     verdicts = prompt_filter.consider_many([value["prompt"] for value in objects])
-    with atomic_open(output_path) as stream:
+    with exclusive_lock(output_path), atomic_open(output_path) as stream:
         for value, verdict in zip(objects, verdicts):
             if verdict.accepted:
                 stream.write(json.dumps({**value, "max_rouge_l": verdict.max_rouge_l}, ensure_ascii=False) + "\n")
@@ -347,10 +373,18 @@ def filter_file(input_path: str | Path, output_path: str | Path, threshold: floa
 
 
 def _read_seeds_file(path: str) -> list[str]:
+    """The seed prompts of ``--seeds-file``; a file with none is an error, never "use the preset's seeds"."""
     try:
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ValueError(f"--seeds-file: cannot read {path!r}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--seeds-file: {path} is not UTF-8 text; expected one seed prompt per line") from None
+    seeds = [line.strip() for line in text.splitlines() if line.strip()]
+    if not seeds:
+        raise ValueError(f"--seeds-file: {path} holds no seed prompts (blank lines are skipped); expected at least "
+                         "3, one per line")
+    return seeds
 
 
 def _generate(arguments: argparse.Namespace) -> int:
