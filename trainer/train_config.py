@@ -22,6 +22,7 @@ from typing import Any
 
 from .caption_encoding import MODES, RENAMED_MODES
 from .files import atomic_write_text, check_name
+from .model_configs import NATIVE_RESOLUTION
 from .settings import current_choice, setting
 
 if sys.version_info >= (3, 11):
@@ -36,8 +37,6 @@ OPTIMIZERS = ("AdamW", "AdamW8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CAPTION_ENCODINGS = MODES
 ARCHITECTURE_CHOICES = ("auto", "sd1", "sd2", "sdxl")
-# The resolution each family was trained at, used when ``resolution`` is 0.
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 SELMA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
 # Settings that do not change what the first N steps compute: a finished or interrupted run may be
