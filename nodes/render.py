@@ -3,10 +3,13 @@
 The dataset folder, the seeding rule, resume and validation are ``trainer.dataset``'s, shared with
 ``selma render``; this module is the ComfyUI engine:
 
+- width/height 0 (auto) is the model family's native size, told from ComfyUI's model config class
+  (SD 1.x 512, SD 2.x 768-v 768 and base 512, SDXL 1024);
 - each prompt is tokenized and encoded by the CLIP object itself (so long prompts are chunked
   exactly as ComfyUI's CLIP Text Encode chunks them), then the batch's conditionings are stacked
   along the batch, shorter ones repeated to a common length (what ComfyUI itself does when it
-  batches conditionings; attention over repeated keys is unchanged);
+  batches conditionings; attention over repeated keys is unchanged); an empty negative prompt on
+  SDXL is zero conditioning, as in ``selma render`` and diffusers;
 - the latent noise is one slice per image from ``comfy.sample.prepare_noise`` with the image's seed,
   and samplers that draw noise while sampling (ancestral, SDE) get a per-image noise source seeded
   the same way, so image i is the same alone or in a batch — and the same as a KSampler with that
@@ -36,7 +39,8 @@ from ..trainer.dataset import (
     render_pending,
     resolve_dataset_folder,
 )
-from ..trainer.render import RenderConfig
+from ..trainer.model_configs import native_resolution
+from ..trainer.render import RenderConfig, zeros_for_empty_negative
 from ..trainer.settings import default_of, help_of
 from .comfy_runtime import NodeProgress, check_interrupted, output_directory, selma_output_path, send_event
 
@@ -44,7 +48,8 @@ EVENT = "selma.render"
 PREVIEW_IMAGES = 4
 BROWSER_PREVIEWS = 6  # the web extension's preview strip (PREVIEWS_SHOWN in web/lib/selma_state.js)
 MAX_SIZE = 16384
-DEFAULT_SIZE = 512
+# ComfyUI's model config classes (comfy.supported_models) of each family; subclasses (SSD-1B, …) belong too.
+_FAMILY_CONFIGS = (("sdxl", "SDXL"), ("sd2", "SD20"), ("sd1", "SD15"))
 # Offered when ComfyUI is absent (the pack's own tests); ComfyUI's full lists are used when it runs.
 FALLBACK_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "uni_pc")
 FALLBACK_SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta")
@@ -84,7 +89,7 @@ class SelmaRenderDataset:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         samplers, schedulers = _sampler_choices()
-        size = {"default": DEFAULT_SIZE, "min": 8, "max": MAX_SIZE, "step": 8}
+        size = {"min": 0, "max": MAX_SIZE, "step": 8}
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model that renders the images (any checkpoint ComfyUI runs: "
@@ -94,11 +99,10 @@ class SelmaRenderDataset:
                 "prompts": ("SELMA_PROMPTS", {"tooltip": "The prompt set from SELMA Skill Prompts: one image per "
                                                          "prompt, captioned with it."}),
                 "negative_prompt": ("STRING", {"default": default_of(RenderConfig, "negative_prompt"),
-                                               "multiline": True, "tooltip": "Negative prompt for every image; "
-                                               "empty: none."}),
-                "width": ("INT", {**size, "tooltip": "Image width in pixels, a multiple of 8 (512 for SD 1.x, "
-                                                     "768 for SD 2.x, 1024 for SDXL)."}),
-                "height": ("INT", {**size, "tooltip": "Image height in pixels, a multiple of 8."}),
+                                               "multiline": True, "tooltip": _tip("negative_prompt")}),
+                "width": ("INT", {**size, "default": default_of(RenderConfig, "width"), "tooltip": _tip("width")}),
+                "height": ("INT", {**size, "default": default_of(RenderConfig, "height"),
+                                   "tooltip": _tip("height")}),
                 "steps": ("INT", {"default": default_of(RenderConfig, "steps"), "min": 1, "max": 10000,
                                   "tooltip": _tip("steps")}),
                 "cfg": ("FLOAT", {"default": default_of(RenderConfig, "cfg"), "min": 0.0, "max": 100.0, "step": 0.1,
@@ -123,6 +127,7 @@ class SelmaRenderDataset:
                dataset_name: str = "", unique_id: str | None = None) -> tuple[str, Any]:
         if not hasattr(prompts, "prompts") or not hasattr(prompts, "skill"):
             raise DatasetError(f"prompts: got {type(prompts).__name__}; expected the output of SELMA Skill Prompts")
+        width, height = render_size(model, width, height)
         request = RenderRequest(
             prompts=tuple(prompts.prompts), skill=prompts.skill, generator=generator_record(model, clip, vae),
             sampler=sampler_name, scheduler=scheduler, steps=steps, cfg=cfg, width=width, height=height,
@@ -225,6 +230,49 @@ def generator_record(model: Any, clip: Any, vae: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Which family the model is: its native size, its negative conditioning
+
+
+def model_family(model: Any) -> str | None:
+    """``sd1``, ``sd2`` or ``sdxl`` for a ComfyUI MODEL, from its model config's class; None for other families."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    class_names = {config_class.__name__ for config_class in type(config).__mro__}
+    return next((family for family, class_name in _FAMILY_CONFIGS if class_name in class_names), None)
+
+
+def _prediction_type(model: Any) -> str:
+    """What the MODEL predicts, as diffusers names it (ComfyUI's ``ModelType``: EPS, V_PREDICTION…)."""
+    model_type = getattr(getattr(model.model, "model_type", None), "name", "EPS")
+    return "v_prediction" if model_type.startswith("V_PREDICTION") else "epsilon"
+
+
+def render_size(model: Any, width: int, height: int) -> tuple[int, int]:
+    """``(width, height)`` with each 0 (auto) replaced by the model family's native size."""
+    if width and height:
+        return width, height
+    family = model_family(model)
+    if family is None:
+        config = getattr(getattr(model, "model", None), "model_config", model)
+        raise DatasetError(f"{'height' if width else 'width'}: 0 (auto): the native size of this model "
+                           f"({type(config).__name__}) is not known; expected SD 1.x, SD 2.x or SDXL, or set width "
+                           "and height")
+    native = native_resolution(family, _prediction_type(model))
+    return width or native, height or native
+
+
+def negative_conditioning(model: Any, clip: Any, negative_prompt: str) -> dict[str, Any]:
+    """The negative prompt's conditioning: CLIP's encoding, or zeros of its shapes (pooled output too) where
+    :func:`trainer.render.zeros_for_empty_negative` says so (an empty one on SDXL)."""
+    encoded = _encode(clip, negative_prompt)
+    if not zeros_for_empty_negative(model_family(model) == "sdxl", negative_prompt):
+        return encoded
+    import torch
+
+    return {key: torch.zeros_like(value) if key in ("cond", "pooled_output") else value
+            for key, value in encoded.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Sampling through ComfyUI
 
 
@@ -315,7 +363,7 @@ def comfy_batch_renderer(model: Any, clip: Any, vae: Any, request: RenderRequest
     import comfy.samplers
     import torch
 
-    negative = _encode(clip, request.negative_prompt)
+    negative = negative_conditioning(model, clip, request.negative_prompt)
     sigmas = comfy.samplers.KSampler(model, steps=request.steps, device=model.load_device, sampler=request.sampler,
                                      scheduler=request.scheduler, denoise=1.0,
                                      model_options=model.model_options).sigmas

@@ -15,13 +15,14 @@ again returns that file without training.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from ..trainer.dataset import resolve_dataset_folder
 from ..trainer.files import atomic_path, check_name
-from ..trainer.settings import default_of, help_of
+from ..trainer.settings import current_choice, default_of, help_of, renamed_choices
 from ..trainer.train_config import CAPTION_ENCODINGS, MIXED_PRECISIONS, OPTIMIZERS, TrainConfig
 from ..trainer.train_run import (
     RunError,
@@ -33,6 +34,8 @@ from ..trainer.train_run import (
     run_state,
 )
 from .comfy_runtime import NodeProgress, check_interrupted, selma_output_path, send_event
+
+log = logging.getLogger(__name__)
 
 EVENT = "selma.train"
 OUTPUT_LOG = "trainer-output.log"
@@ -117,8 +120,10 @@ class SelmaTrainLoraExpert:
             "optional": {
                 "base_model_path": ("STRING", {"default": "", "tooltip": "A diffusers model folder or a .safetensors "
                                                "file anywhere on disk; when set, used instead of base_checkpoint."}),
-                "caption_encoding": (list(CAPTION_ENCODINGS), {"default": default_of(TrainConfig, "caption_encoding"),
-                                                               "tooltip": _tip("caption_encoding")}),
+                # ComfyUI refuses a combo value not in the list: old names stay (last) for saved workflows.
+                "caption_encoding": ([*CAPTION_ENCODINGS, *renamed_choices(TrainConfig, "caption_encoding")],
+                                     {"default": default_of(TrainConfig, "caption_encoding"),
+                                      "tooltip": _tip("caption_encoding")}),
                 "train_text_encoder": ("BOOLEAN", {"default": default_of(TrainConfig, "train_text_encoder"),
                                                    "tooltip": _tip("train_text_encoder")}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": default_of(TrainConfig, "gradient_checkpointing"),
@@ -143,7 +148,9 @@ class SelmaTrainLoraExpert:
             output_name=name, network_dim=rank, network_alpha=float(alpha), learning_rate=float(learning_rate),
             max_train_steps=steps, train_batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation,
             resolution=resolution, mixed_precision=precision, seed=seed, save_every_n_steps=save_every,
-            num_processes=gpus, caption_encoding=caption_encoding, train_text_encoder=train_text_encoder,
+            num_processes=gpus, train_text_encoder=train_text_encoder,
+            caption_encoding=current_choice(TrainConfig, "caption_encoding", caption_encoding,
+                                            f"{self.DISPLAY_NAME} node", notify=log.warning),
             gradient_checkpointing=gradient_checkpointing, optimizer_type=optimizer))
         run_dir = selma_output_path("train", name)
         lora_target = self._lora_target(name)

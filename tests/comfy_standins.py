@@ -4,13 +4,16 @@ Only what the nodes use is modelled, with ComfyUI's behaviour where it matters: 
 raises ``InterruptProcessingException`` once the user pressed cancel (ComfyUI's progress hook calls
 ``throw_exception_if_processing_interrupted``), ``folder_paths`` lists real files under a temporary
 ComfyUI base folder, and ``PromptServer.instance.send_sync`` records what would reach the browser.
-The real modules are exercised by the integration tier (``pytest -m comfyui``).
+A MODEL and a CLIP are modelled only as far as the nodes read them (:func:`comfy_model`,
+:class:`ClipStandIn`). The real modules are exercised by the integration tier (``pytest -m comfyui``).
 """
 
 from __future__ import annotations
 
+import enum
 import sys
 import types
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,62 @@ class ComfyStandIns:
 
 class InterruptProcessingException(Exception):
     """Same name and role as ``comfy.model_management.InterruptProcessingException``."""
+
+
+class ModelType(enum.Enum):
+    """``comfy.model_base.ModelType``: what a model predicts (the members the SD families use)."""
+
+    EPS = 1
+    V_PREDICTION = 2
+    EDM = 5
+    FLOW = 6
+
+
+# ComfyUI's model configs (``comfy.supported_models``): a loaded model is told apart by its config's
+# class and the classes it derives from, as in ComfyUI (SSD-1B is an SDXL).
+class SD15:
+    pass
+
+
+class SD20:
+    pass
+
+
+class SDXL:
+    pass
+
+
+class SSD1B(SDXL):
+    pass
+
+
+class Flux:
+    pass
+
+
+def comfy_model(config_class: type, model_type: ModelType = ModelType.EPS) -> Any:
+    """A MODEL as a checkpoint loader returns it: a ModelPatcher whose ``model`` (a ``BaseModel``) holds an
+    instance of its config class as ``model_config`` and what it predicts as ``model_type``."""
+    return types.SimpleNamespace(model=types.SimpleNamespace(model_config=config_class(), model_type=model_type))
+
+
+class ClipStandIn:
+    """A CLIP whose encodings are made up but fixed by the text, shaped as SDXL's: ``cond`` ``[1, 77, 2048]``
+    (77 more per 75 tokens, counted here as 300 characters) and ``pooled_output`` ``[1, 1280]``."""
+
+    def __init__(self, width: int = 2048, pooled_width: int = 1280) -> None:
+        self.width, self.pooled_width = width, pooled_width
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens(self, tokens: str, return_pooled: bool = False, return_dict: bool = False) -> Any:
+        import torch
+
+        generator = torch.Generator().manual_seed(zlib.crc32(tokens.encode()))
+        pieces = 1 + len(tokens) // 300
+        return {"cond": torch.randn(1, 77 * pieces, self.width, generator=generator),
+                "pooled_output": torch.randn(1, self.pooled_width, generator=generator)}
 
 
 def _build_modules(state: ComfyStandIns) -> dict[str, types.ModuleType]:

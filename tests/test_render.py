@@ -82,6 +82,32 @@ def test_an_image_is_the_same_alone_or_in_a_batch_of_4(architecture, sampler, re
         "another seed gave the same image"
 
 
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_an_empty_negative_prompt_is_zeros_on_sdxl_as_diffusers_and_the_empty_text_elsewhere(architecture, request):
+    pipeline = load_renderer_pipeline(request.getfixturevalue(f"tiny_{architecture}_folder"), "cpu")
+    negative = DiffusersRenderer(pipeline, SIZE, SIZE, STEPS, 7.5, negative_prompt="").negative
+    empty_text = encode_prompt(pipeline, "")
+    assert negative.hidden.shape == empty_text.hidden.shape == (1, 77, empty_text.hidden.shape[-1])
+    if architecture == "sdxl":  # diffusers' force_zeros_for_empty_prompt, what SELMA's renders used
+        _, theirs, _, theirs_pooled = pipeline.encode_prompt(PROMPTS[0], device="cpu", num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True)
+        assert not negative.hidden.any() and not negative.pooled.any()
+        assert np.array_equal(negative.hidden.numpy(), theirs.numpy())
+        assert np.array_equal(negative.pooled.numpy(), theirs_pooled.numpy())
+    else:
+        assert np.array_equal(negative.hidden.numpy(), empty_text.hidden.numpy()) and negative.hidden.any()
+
+
+def test_width_or_height_0_is_the_models_native_size(tmp_path, tiny_sd1_folder, capsys):
+    prompts = write_prompt_set(tmp_path / "one.jsonl", PROMPTS[:1])
+    out = tmp_path / "auto"
+    assert cli.main(["render", str(prompts), "--model", str(tiny_sd1_folder), "--out", str(out), "--width", "0",
+                     "--height", "32", "--steps", "1", "--quiet"]) == 0, capsys.readouterr().err
+    settings = json.loads((out / "dataset.json").read_text())
+    assert (settings["width"], settings["height"]) == (SIZE, 32)  # the tiny model's native size is 64
+    assert Image.open(out / "000000.png").size == (SIZE, 32)
+
+
 def test_selma_render_cli_writes_the_dataset_from_a_single_file_checkpoint(tmp_path, prompt_file, tiny_sd1_checkpoint,
                                                                           tiny_sd1_folder, uninterrupted, capsys):
     out = tmp_path / "from-checkpoint"

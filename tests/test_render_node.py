@@ -10,10 +10,11 @@ import json
 
 import pytest
 import torch
+from comfy_standins import SD15, SD20, SDXL, SSD1B, ClipStandIn, Flux, ModelType, comfy_model
 from PIL import Image
 
 from comfyui_selma.nodes import render as render_node
-from comfyui_selma.nodes.render import SelmaRenderDataset, stack_conditioning
+from comfyui_selma.nodes.render import SelmaRenderDataset, negative_conditioning, stack_conditioning
 from comfyui_selma.trainer.dataset import DatasetError
 from comfyui_selma.trainer.prompt_set import PromptSet
 
@@ -42,11 +43,16 @@ def fake_renderer(monkeypatch) -> FakeRenderer:
     return fake
 
 
-def run_node(prompts=PROMPTS, skill="counting", dataset_name="", **changes):
+def run_node(prompts=PROMPTS, skill="counting", dataset_name="", model=None, **changes):
     settings = {**SETTINGS, **changes}
     prompt_set = PromptSet(prompts=tuple(prompts), skill=skill, path="/prompts/counting.jsonl")
-    return SelmaRenderDataset().render(model=object(), clip=object(), vae=object(), prompts=prompt_set,
+    return SelmaRenderDataset().render(model=model or object(), clip=object(), vae=object(), prompts=prompt_set,
                                        dataset_name=dataset_name, unique_id="7", **settings)
+
+
+def recorded_size(comfy, skill="counting") -> tuple[int, int]:
+    settings = json.loads((comfy.output_dir / "selma" / "datasets" / skill / "dataset.json").read_text())
+    return settings["width"], settings["height"]
 
 
 def test_node_takes_comfyui_model_clip_vae_and_the_prompt_set_and_returns_path_and_preview():
@@ -124,7 +130,8 @@ def test_an_absolute_dataset_path_is_used_as_given(comfy, fake_renderer, tmp_pat
     ({"dataset_name": "../outside"}, r"dataset name: '../outside' is not a plain name"),
     ({"dataset_name": "a/b"}, r"dataset name: 'a/b' is not a plain name"),
     ({"width": 100}, r"width: 100 pixels; expected a positive multiple of 8"),
-    ({"height": 0}, r"height: 0 pixels"),
+    ({"height": 12}, r"height: 12 pixels; expected a positive multiple of 8"),
+    ({"width": 0}, r"width: 0 \(auto\): the native size of this model \(object\) is not known"),
     ({"prompts": ()}, r"prompts: the prompt list from /prompts/counting.jsonl is empty"),
 ])
 def test_bad_input_is_refused_before_rendering(comfy, fake_renderer, changes, message):
@@ -158,3 +165,56 @@ def test_conditionings_of_different_lengths_are_stacked_by_repetition_with_the_r
     assert torch.equal(extras["pooled_output"], torch.cat([short["pooled_output"], long["pooled_output"]]))
     assert negative_cond.shape == (1, 154, 8)
     assert (extras["width"], extras["height"], extras["target_width"], negative_extras["height"]) == (64, 32, 64, 32)
+
+
+def test_the_size_widgets_default_to_auto_and_say_what_auto_is():
+    inputs = SelmaRenderDataset.INPUT_TYPES()["required"]
+    for name in ("width", "height"):
+        options = inputs[name][1]
+        assert (options["default"], options["min"], options["step"]) == (0, 0, 8)
+        assert all(text in options["tooltip"] for text in ("0 (auto)", "512 for SD 1.x", "768", "1024 for SDXL"))
+
+
+@pytest.mark.parametrize(("model", "native"), [
+    (comfy_model(SD15), 512), (comfy_model(SD20), 512), (comfy_model(SD20, ModelType.V_PREDICTION), 768),
+    (comfy_model(SDXL), 1024), (comfy_model(SSD1B), 1024)], ids=["sd1", "sd2-base", "sd2-768-v", "sdxl", "ssd-1b"])
+def test_width_and_height_0_render_at_the_model_familys_native_size(comfy, fake_renderer, model, native):
+    run_node(prompts=PROMPTS[:1], model=model, width=0, height=0)
+    assert recorded_size(comfy) == (native, native)
+    image = comfy.output_dir / "selma" / "datasets" / "counting" / "000000.png"
+    assert Image.open(image).size == (native, native)
+
+
+def test_a_size_the_user_set_is_kept_whatever_the_model(comfy, fake_renderer):
+    run_node(prompts=PROMPTS[:1], model=comfy_model(SDXL), width=512, height=512)
+    assert recorded_size(comfy) == (512, 512)
+    run_node(prompts=PROMPTS[:1], model=comfy_model(SDXL), width=0, height=640, dataset_name="tall")
+    assert recorded_size(comfy, "tall") == (1024, 640)
+
+
+def test_auto_size_on_a_model_of_another_family_asks_for_a_size_before_rendering(comfy, fake_renderer):
+    with pytest.raises(DatasetError, match=r"height: 0 \(auto\): the native size of this model \(Flux\) is not "
+                                           r"known; expected SD 1.x, SD 2.x or SDXL, or set width and height"):
+        run_node(model=comfy_model(Flux, ModelType.FLOW), width=1024, height=0)
+    assert fake_renderer.calls == [] and not (comfy.output_dir / "selma" / "datasets").exists()
+
+
+def test_an_empty_negative_prompt_on_sdxl_is_zero_conditioning_as_diffusers_and_the_cli_use():
+    clip = ClipStandIn()
+    empty_text = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True, return_dict=True)
+    zeros = negative_conditioning(comfy_model(SDXL), clip, "")
+    assert set(zeros) == set(empty_text) == {"cond", "pooled_output"}
+    for key, value in zeros.items():
+        assert value.shape == empty_text[key].shape and value.dtype == empty_text[key].dtype
+        assert not value.any(), f"{key} is not zeros"
+    assert not negative_conditioning(comfy_model(SSD1B), clip, "")["pooled_output"].any()
+
+
+@pytest.mark.parametrize(("model", "negative_prompt"), [(comfy_model(SDXL), "blurry"), (comfy_model(SD15), ""),
+                                                        (comfy_model(SD20, ModelType.V_PREDICTION), "")])
+def test_a_written_negative_prompt_and_other_families_empty_one_are_encoded_by_the_clip(model, negative_prompt):
+    clip = ClipStandIn(width=768)
+    encoded = negative_conditioning(model, clip, negative_prompt)
+    expected = clip.encode_from_tokens(clip.tokenize(negative_prompt), return_pooled=True, return_dict=True)
+    assert encoded.keys() == expected.keys() and all(torch.equal(encoded[key], expected[key]) for key in expected)
+    assert encoded["cond"].abs().sum() > 0

@@ -257,7 +257,7 @@ def test_the_other_options_train_random_crop_without_latent_cache_min_snr_offset
     lines, echo = quiet()
     lora = run_training(tiny_config(tiny_sd1_folder, dataset, tmp_path / "cache", random_crop=True,
                                     cache_latents=False, min_snr_gamma=5.0, noise_offset=0.05,
-                                    gradient_checkpointing=True, caption_encoding="segments", lr_scheduler="cosine",
+                                    gradient_checkpointing=True, caption_encoding="sentences", lr_scheduler="cosine",
                                     lr_warmup_steps=1, max_grad_norm=0.0, max_train_steps=2),
                         tmp_path / "run", echo=echo)
     events = events_of(lines)
@@ -267,7 +267,7 @@ def test_the_other_options_train_random_crop_without_latent_cache_min_snr_offset
     _, metadata = lora_modules(lora)
     assert (metadata["ss_random_crop"], metadata["ss_min_snr_gamma"], metadata["ss_noise_offset"]) == \
         ("True", "5.0", "0.05")
-    assert metadata["ss_gradient_checkpointing"] == "True" and metadata["selma.caption_encoding"] == "segments"
+    assert metadata["ss_gradient_checkpointing"] == "True" and metadata["selma.caption_encoding"] == "sentences"
 
 
 def test_v_prediction_models_learn_the_velocity_and_say_so(tmp_path, tiny_sd1_folder):

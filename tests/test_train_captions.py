@@ -19,7 +19,11 @@ from comfyui_selma.trainer.caption_encoding import (
     split_sentences,
     stack_conditioning,
 )
+from comfyui_selma.trainer import cli
 from comfyui_selma.trainer.model_loading import load_pipeline
+from comfyui_selma.trainer.train_config import TrainConfig, config_from_dict, read_config, write_config
+from comfyui_selma.trainer.train_data import TextCache
+from comfyui_selma.trainer.train_run import prepare_run_folder
 
 SHORT = "a photo of a cat"
 LONG = ("A paragraph caption about a kitchen. " + " ".join(f"item {index} is a small red wooden spoon" for index in
@@ -100,13 +104,60 @@ def test_a_short_caption_encodes_exactly_as_the_diffusers_pipeline_encodes_a_pro
     torch.testing.assert_close(ours.hidden, prompt_embeds[0])
 
 
-def test_truncate_keeps_the_first_piece_and_segments_encode_each_sentence_alone(pipelines):
+def test_truncate_keeps_the_first_piece_and_sentences_encode_each_sentence_alone(pipelines):
     tokenizer = pipelines["sd1"].tokenizer
     assert caption_chunks(tokenizer, LONG, "truncate") == reference_pieces(tokenizer, LONG)[:1]
     sentences = split_sentences(LONG)
     assert len(sentences) == 3 and sentences[-1] == "The light comes from the left!"
     expected = [piece for sentence in sentences for piece in reference_pieces(tokenizer, sentence)]
-    assert caption_chunks(tokenizer, LONG, "segments") == expected
+    assert caption_chunks(tokenizer, LONG, "sentences") == expected
+
+
+RENAMED_NOTICE = "caption_encoding 'segments' is the old name of 'sentences'; read as 'sentences'"
+
+
+def old_config_file(folder, **settings):
+    """A run's config.toml as the pack wrote it before 'sentences' was called 'segments'."""
+    path = write_config(TrainConfig(caption_encoding="sentences", **settings), folder)
+    path.write_text(path.read_text().replace('caption_encoding = "sentences"', 'caption_encoding = "segments"'))
+    assert 'caption_encoding = "segments"' in path.read_text()
+    return path
+
+
+def test_a_config_file_holding_the_old_name_segments_loads_as_sentences_with_a_notice(tmp_path, capsys):
+    path = old_config_file(tmp_path)
+    notices = []
+    assert read_config(path, notify=notices.append).caption_encoding == "sentences"
+    assert notices == [f"{path}: {RENAMED_NOTICE}"]
+    assert read_config(path).caption_encoding == "sentences"  # without a listener the notice goes to stderr
+    assert capsys.readouterr().err == f"{path}: {RENAMED_NOTICE}\n"
+    assert read_config(write_config(TrainConfig(caption_encoding="sentences"), tmp_path / "new"),
+                       notify=notices.append).caption_encoding == "sentences" and len(notices) == 1
+
+
+def test_a_run_folder_written_with_segments_is_continued_with_sentences_and_rewritten(tmp_path, capsys):
+    settings = dict(pretrained_model_name_or_path="/models/base.safetensors", train_data_dir="/data/counting")
+    run = tmp_path / "run"
+    path = old_config_file(run, **settings)
+    assert prepare_run_folder(TrainConfig(caption_encoding="sentences", **settings), run) == path
+    assert 'caption_encoding = "sentences"' in path.read_text()
+    assert capsys.readouterr().err == ""  # the user already asks for 'sentences': nothing to tell
+
+
+def test_the_selma_train_flag_value_segments_is_read_as_sentences_with_a_notice(tmp_path, capsys):
+    exit_code = cli.main(["train", "--dataset", str(tmp_path / "missing"), "--model", str(tmp_path / "base.safetensors"),
+                          "--out", str(tmp_path / "run"), "--caption-encoding", "segments"])
+    error = capsys.readouterr().err
+    assert exit_code == 2 and "missing" in error  # refused for the dataset, not for the encoding
+    assert f"selma train: {RENAMED_NOTICE}" in error
+
+
+def test_segments_and_sentences_are_one_encoding_with_one_text_cache(tmp_path):
+    old = config_from_dict({"caption_encoding": "segments"}, notify=lambda message: None)
+    assert old == config_from_dict({"caption_encoding": "sentences"})
+    # Text caches written before the rename (keyed 'segments') are found under the new name.
+    assert TextCache(tmp_path, "model", "sentences").path(LONG) == TextCache(tmp_path, "model", "segments").path(LONG)
+    assert TextCache(tmp_path, "model", "sentences").path(LONG) != TextCache(tmp_path, "model", "chunks").path(LONG)
 
 
 def test_captions_of_different_lengths_batch_with_a_mask_that_hides_the_padding():

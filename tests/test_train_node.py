@@ -149,3 +149,26 @@ def test_the_node_lists_checkpoints_and_explains_every_input(comfy):
     assert defaults["batch_size"] * defaults["gradient_accumulation"] == 64 and defaults["precision"] == "fp16"
     assert SelmaTrainLoraExpert._base_model("sd15.safetensors", "") == str(comfy.models_dir("checkpoints") /
                                                                             "sd15.safetensors")
+
+
+def test_caption_encoding_offers_sentences_and_a_saved_workflow_holding_segments_still_runs(comfy, setup, started,
+                                                                                             monkeypatch, caplog):
+    """ComfyUI checks a combo value against the node's list: the old name stays last, its tooltip says what it is."""
+    choices, options = SelmaTrainLoraExpert.INPUT_TYPES()["optional"]["caption_encoding"]
+    assert choices == ["chunks", "sentences", "truncate", "segments"] and options["default"] == "chunks"
+    assert "'segments' is the old name of 'sentences'" in options["tooltip"]
+    assert "LongAlign" not in options["tooltip"]
+
+    class TrainerStarted(Exception):
+        pass
+
+    def trainer_started(*args, **kwargs):
+        raise TrainerStarted  # what is checked is the run folder the trainer would get
+
+    monkeypatch.setattr(SelmaTrainLoraExpert, "_run_trainer", staticmethod(trainer_started))
+    dataset, model = setup
+    with caplog.at_level("WARNING"), pytest.raises(TrainerStarted):
+        SelmaTrainLoraExpert().train(**inputs(dataset, model, caption_encoding="segments"))
+    config = (comfy.output_dir / "selma" / "train" / "counting-expert" / "config.toml").read_text()
+    assert 'caption_encoding = "sentences"' in config
+    assert "caption_encoding 'segments' is the old name of 'sentences'" in caplog.text

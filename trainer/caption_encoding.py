@@ -8,9 +8,10 @@ the same encoding teaches the expert what it will be asked. The modes (``caption
 
 - ``chunks`` — ComfyUI's encoding, exactly (for captions without ComfyUI's ``(word:1.2)`` emphasis
   syntax, which is not interpreted here).
-- ``segments`` — each sentence encoded as its own piece(s), concatenated (LongAlign's
-  segment-level encoding); at inference, the same is ComfyUI's Conditioning (Concat) of one
-  CLIP Text Encode per sentence.
+- ``sentences`` — each sentence encoded as its own piece(s), concatenated: at inference, the same
+  is ComfyUI's Conditioning (Concat) of one CLIP Text Encode per sentence. Each piece keeps its end
+  token and padding, so this is not LongAlign's segment encoding (which drops them). Its first
+  name was ``segments``, still read from config files, flags and saved workflows.
 - ``truncate`` — the first 75 tokens only, as diffusers' scripts train.
 
 Which hidden state each family uses, as in both ComfyUI and diffusers: SD 1.x the last layer
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
 
 CHUNK_LENGTH = 77
 TOKENS_PER_CHUNK = CHUNK_LENGTH - 2
+MODES = ("chunks", "sentences", "truncate")
+RENAMED_MODES = {"segments": "sentences"}  # old name -> current name
+# The name a mode's cached encodings are keyed by: a renamed mode keeps its first name, so the caches
+# written before the rename are found (the encoding did not change).
+_CACHE_NAMES = {current: old for old, current in RENAMED_MODES.items()}
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 
@@ -58,16 +64,22 @@ def caption_token_ids(tokenizer, text: str) -> list[int]:
                      split_special_tokens=True)["input_ids"]
 
 
+def cache_name(mode: str) -> str:
+    """The name caches of ``mode``'s encodings are keyed by; a mode's old and current names give the same."""
+    current = RENAMED_MODES.get(mode, mode)
+    return _CACHE_NAMES.get(current, current)
+
+
 def caption_pieces(tokenizer, caption: str, mode: str = "chunks") -> list[list[int]]:
     """The pieces ``caption`` is encoded as, each ``[start, tokens..., end]`` and not yet padded."""
-    if mode == "segments":
+    if mode == "sentences":
         chunks = [chunk for sentence in split_sentences(caption)
                   for chunk in chunk_token_ids(caption_token_ids(tokenizer, sentence))]
     elif mode in ("chunks", "truncate"):
         chunks = chunk_token_ids(caption_token_ids(tokenizer, caption))
         chunks = chunks[:1] if mode == "truncate" else chunks
     else:
-        raise ValueError(f"caption_encoding: {mode!r}; expected chunks, segments or truncate")
+        raise ValueError(f"caption_encoding: {mode!r}; expected one of {', '.join(MODES)}")
     return [[tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id] for chunk in chunks]
 
 

@@ -23,6 +23,9 @@ from . import clip_tokenizer
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
 CONFIGS_PATH = Path(__file__).parent / "data" / "configs"
+# The square image size each family was trained at (SD 2.x: its 768-v models, as the shipped config).
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+SD2_BASE_RESOLUTION = 512  # SD 2.0/2.1 "base": the epsilon models, trained at 512
 
 # Tokenizer folder → pad token. OpenAI's CLIP-L pads with <|endoftext|>; the OpenCLIP encoders
 # (SD 2.x, SDXL's second) pad with "!" — as in the real models' special_tokens_map.json.
@@ -46,6 +49,18 @@ def check_architecture(architecture: str) -> str:
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture: {architecture!r} is not supported; expected one of {', '.join(ARCHITECTURES)}")
     return architecture
+
+
+def native_resolution(architecture: str, prediction_type: str = "v_prediction") -> int:
+    """The square size a model of ``architecture`` renders best at: the size it was trained at.
+
+    Only SD 2.x depends on ``prediction_type``: its 768-v models predict ``v_prediction``, its base
+    models ``epsilon`` at 512.
+    """
+    check_architecture(architecture)
+    if architecture == "sd2" and prediction_type == "epsilon":
+        return SD2_BASE_RESOLUTION
+    return NATIVE_RESOLUTION[architecture]
 
 
 def cache_root() -> Path:

@@ -58,6 +58,8 @@ SAMPLERS: dict[str, str | None] = {
     "uni_pc": "UniPCMultistepScheduler",
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+_AUTO_SIZE = ("0 (auto): the model's native size, 512 for SD 1.x, 768 for SD 2.x 768-v (512 for SD 2.x base), 1024 "
+              "for SDXL.")
 
 
 @dataclass
@@ -65,11 +67,9 @@ class RenderConfig:
     """Settings of stage 2; defaults are the SELMA paper's (50 steps, CFG 7.5, the model's own sampler)."""
 
     negative_prompt: str = setting("", "Negative prompt for every image; empty: none (SDXL then uses zero "
-                                   "embeddings, as diffusers does by default).")
-    width: int | None = setting(None, "Image width in pixels, a positive multiple of 8; default: the model's "
-                                "native size (512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL).", type=int)
-    height: int | None = setting(None, "Image height in pixels, a positive multiple of 8; default: the model's "
-                                 "native size.", type=int)
+                                   "conditioning, as diffusers does by default).")
+    width: int = setting(0, f"Image width in pixels, a multiple of 8; {_AUTO_SIZE}")
+    height: int = setting(0, f"Image height in pixels, a multiple of 8; {_AUTO_SIZE}")
     steps: int = setting(50, "Sampling steps per image (the paper uses 50).")
     cfg: float = setting(7.5, "Classifier-free guidance scale (the paper uses 7.5).")
     sampler: str = setting("default", "Sampler (diffusers scheduler); 'default' keeps the model's own.",
@@ -106,6 +106,17 @@ class PromptEmbedding:
 
 def _is_xl(pipeline: DiffusionPipeline) -> bool:
     return getattr(pipeline, "text_encoder_2", None) is not None
+
+
+def zeros_for_empty_negative(sdxl: bool, negative_prompt: str, force_zeros_for_empty_prompt: bool = True) -> bool:
+    """Whether the negative conditioning is zeros rather than the text encoders' output for ``negative_prompt``.
+
+    An SDXL model with no negative prompt is guided away from zero conditioning: diffusers'
+    ``force_zeros_for_empty_prompt`` (a diffusers folder's own flag; on for SDXL base and for a
+    ComfyUI checkpoint, which carries no flag), as SELMA's own renders were. Both renderers (this
+    one and the ComfyUI node) ask here, so they agree.
+    """
+    return sdxl and not negative_prompt and force_zeros_for_empty_prompt
 
 
 def encode_prompt(pipeline: DiffusionPipeline, text: str) -> PromptEmbedding:
@@ -160,7 +171,8 @@ class DiffusersRenderer:
         self.pipeline = pipeline
         self.width, self.height, self.steps, self.cfg = width, height, steps, cfg
         negative = encode_prompt(pipeline, negative_prompt)
-        if _is_xl(pipeline) and not negative_prompt and pipeline.config.get("force_zeros_for_empty_prompt", False):
+        if zeros_for_empty_negative(_is_xl(pipeline), negative_prompt,
+                                    pipeline.config.get("force_zeros_for_empty_prompt", False)):
             negative = PromptEmbedding(torch.zeros_like(negative.hidden), torch.zeros_like(negative.pooled))
         self.negative = negative
 
@@ -289,8 +301,8 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
         prompts=tuple(prompt_set.prompts), skill=prompt_set.skill,
         generator={"engine": "diffusers", "model": model_path.name},
         sampler=config.sampler, scheduler=None, steps=config.steps, cfg=config.cfg,
-        width=config.width if config.width is not None else size, height=config.height if config.height is not None
-        else size, negative_prompt=config.negative_prompt, seed=config.seed, batch_size=config.batch_size,
+        width=config.width or size, height=config.height or size, negative_prompt=config.negative_prompt,
+        seed=config.seed, batch_size=config.batch_size,
         prompts_file=str(prompt_set.path) if prompt_set.path else None)
     folder = Path(out)
     # Without an accelerator (or when told to use the CPU) processes talk over gloo; accelerate needs cpu=True for that.

@@ -15,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .caption_encoding import MODES, RENAMED_MODES
 from .files import atomic_write_text, check_name
-from .settings import setting
+from .model_configs import NATIVE_RESOLUTION
+from .settings import current_choice, setting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,10 +35,8 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("AdamW", "AdamW8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-CAPTION_ENCODINGS = ("chunks", "segments", "truncate")
+CAPTION_ENCODINGS = MODES
 ARCHITECTURE_CHOICES = ("auto", "sd1", "sd2", "sdxl")
-# The resolution each family was trained at, used when ``resolution`` is 0.
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 SELMA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
 # Settings that do not change what the first N steps compute: a finished or interrupted run may be
@@ -107,9 +108,11 @@ class TrainConfig:
     caption_extension: str = setting(".txt", "Extension of the caption files.")
     caption_encoding: str = setting(
         "chunks", "Long captions: 'chunks' encodes 75-token pieces, each with its start/end tokens, and "
-                  "concatenates them (exactly as ComfyUI encodes a prompt); 'segments' encodes each sentence on its "
-                  "own and concatenates (LongAlign); 'truncate' keeps the first 75 tokens (diffusers' scripts).",
-        choices=CAPTION_ENCODINGS)
+                  "concatenates them (exactly as ComfyUI encodes a prompt); 'sentences' encodes each sentence the "
+                  "same way on its own and concatenates (ComfyUI's Conditioning Concat of one encode per sentence); "
+                  "'truncate' keeps the first 75 tokens (diffusers' scripts). 'segments' is the old name of "
+                  "'sentences'.",
+        choices=CAPTION_ENCODINGS, renamed=RENAMED_MODES)
     cache_latents: bool = setting(True, "Encode every image (and its flip) with the VAE once, on disk, instead of "
                                   "every step.")
     cache_text_encoder_outputs: bool = setting(True, "Encode every caption once, on disk (not with "
@@ -197,8 +200,13 @@ def config_fields() -> list[str]:
     return [config_field.name for config_field in dataclasses.fields(TrainConfig)]
 
 
-def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a :class:`TrainConfig` from a mapping (a TOML table); unknown keys and wrong types are errors."""
+def config_from_dict(values: dict[str, Any], source: str = "config",
+                     notify: Callable[[str], None] | None = None) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a mapping (a TOML table); unknown keys and wrong types are errors.
+
+    An old name of a renamed choice is read as its current name; ``notify`` (default: standard error)
+    gets a notice saying so.
+    """
     known = {config_field.name: config_field for config_field in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -218,12 +226,13 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
                 raise ValueError(f"{source}: {name} = {value!r}; expected a whole number")
         elif isinstance(default, str) and not isinstance(value, str):
             raise ValueError(f"{source}: {name} = {value!r}; expected a string")
-        converted[name] = value
+        converted[name] = current_choice(TrainConfig, name, value, source, notify)
     return TrainConfig(**converted)
 
 
-def read_config(path: str | os.PathLike[str]) -> TrainConfig:
-    """Read a run's ``config.toml`` (every setting at the top level, kohya-style names)."""
+def read_config(path: str | os.PathLike[str], notify: Callable[[str], None] | None = None) -> TrainConfig:
+    """Read a run's ``config.toml`` (every setting at the top level, kohya-style names); ``notify``: see
+    :func:`config_from_dict`."""
     source = Path(path)
     try:
         with source.open("rb") as stream:
@@ -232,7 +241,7 @@ def read_config(path: str | os.PathLike[str]) -> TrainConfig:
         raise FileNotFoundError(f"{source}: no such config file; expected a run's {CONFIG_FILE}") from None
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{source}: not valid TOML ({error})") from None
-    return config_from_dict(values, source=str(source))
+    return config_from_dict(values, source=str(source), notify=notify)
 
 
 def config_toml(config: TrainConfig) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .caption_encoding import cache_name
 from .dataset import DATASET_FILE, DatasetError, read_settings
 from .files import atomic_open
 
@@ -261,7 +262,8 @@ class TextCache:
         self.mode = mode
 
     def path(self, caption: str) -> Path:
-        return self.folder / f"{_digest(CACHE_VERSION, self.model_key, 'text', self.mode, caption)}.safetensors"
+        key = _digest(CACHE_VERSION, self.model_key, "text", cache_name(self.mode), caption)
+        return self.folder / f"{key}.safetensors"
 
     def missing(self, captions: Sequence[str]) -> list[str]:
         return sorted({caption for caption in captions if not self.path(caption).is_file()})

@@ -170,7 +170,8 @@ def prepare_run_folder(config: TrainConfig, run_dir: str | os.PathLike[str]) -> 
     folder = Path(run_dir)
     existing = folder / CONFIG_FILE
     if existing.is_file():
-        changed = differences(read_config(existing), config)
+        # Old names in the recorded settings read as the current ones: the file is rewritten with them below.
+        changed = differences(read_config(existing, notify=lambda notice: None), config)
         if changed:
             raise RunError(f"run folder {folder}: holds a run with other settings ({'; '.join(changed)}); use the "
                            "same settings to continue it, or another LoRA name / run folder for a new run")
