@@ -90,9 +90,10 @@ def sd1_again_run(sd1_run, training_root, tiny_sd1_folder) -> Run:
     return finished_run(training_root, "sd1-again", tiny_sd1_folder, max_train_steps=1, seed=7)
 
 
-def run_of(request: pytest.FixtureRequest, name: str) -> Run:
-    """The finished run of a parametrized test's configuration (``sd1`` → the ``sd1_run`` fixture)."""
-    return request.getfixturevalue(f"{name}_run")
+@pytest.fixture(params=["sd1", "sdxl"])
+def sd1_or_sdxl_run(request: pytest.FixtureRequest) -> Run:
+    """The SD 1.x run, then the SDXL run: a test over both architectures, each half needing only its own run."""
+    return request.getfixturevalue(f"{request.param}_run")
 
 
 def lora_modules(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
@@ -145,9 +146,8 @@ def expected_modules(run: Run, tiny_sdxl: bool) -> dict[str, tuple[tuple[int, ..
     return expected
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
-def test_every_key_is_a_kohya_lora_key_with_the_right_shape_and_alpha(request, name):
-    run = run_of(request, name)
+def test_every_key_is_a_kohya_lora_key_with_the_right_shape_and_alpha(sd1_or_sdxl_run):
+    run, name = sd1_or_sdxl_run, sd1_or_sdxl_run.folder.name
     modules, _ = lora_modules(run.lora)
     expected = expected_modules(run, tiny_sdxl=name == "sdxl")
     assert set(modules) == set(expected)
@@ -191,11 +191,10 @@ def peft_layers(module) -> int:
     return sum(1 for _, layer in module.named_modules() if hasattr(layer, "lora_A") and len(layer.lora_A))
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
-def test_the_saved_lora_loads_in_diffusers_every_module_applied_and_changes_its_output(request, name):
+def test_the_saved_lora_loads_in_diffusers_every_module_applied_and_changes_its_output(sd1_or_sdxl_run):
     from comfyui_selma.trainer.model_loading import load_pipeline
 
-    run = run_of(request, name)
+    run, name = sd1_or_sdxl_run, sd1_or_sdxl_run.folder.name
     modules, _ = lora_modules(run.lora)
     pipeline = load_pipeline(run.config.pretrained_model_name_or_path)
     pipeline.set_progress_bar_config(disable=True)
