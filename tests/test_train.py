@@ -3,7 +3,8 @@
 Like diffusers' ``test_text_to_image_lora.py``: what a user relies on is asserted on the files a
 user gets — the LoRA's keys, shapes, alphas and metadata, the checkpoints, ``log.jsonl``, that the
 file loads in diffusers and changes its images, that a run killed in the middle and started again
-ends with the same LoRA as a run left alone.
+ends with the same LoRA as a run left alone, that two processes train the LoRA of one process with
+twice the gradient accumulation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import random
 import shutil
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from comfyui_selma.trainer import cli
 from comfyui_selma.trainer.model_hash import model_sha256
 from comfyui_selma.trainer.train import TrainError, diffusion_target, run_training, train
 from comfyui_selma.trainer.train_config import CONFIG_FILE, TrainConfig, config_fields, read_config
+from comfyui_selma.trainer.train_data import StepPlan
 from comfyui_selma.trainer.train_run import (
     LOG_FILE,
     TrainerProcess,
@@ -53,22 +56,44 @@ def quiet() -> tuple[list[str], callable]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_sd1_folder, tiny_sdxl_folder) -> dict[str, Run]:
-    """Three finished runs on one dataset: SD 1.x (attention, 4 steps, a save point at 2), SDXL (attention +
-    3x3 convolutions + both text encoders), and SD 1.x again into another folder (reads the caches)."""
+def training_root(tmp_path_factory) -> Path:
+    """The folder of this module's finished runs: one dataset and one cache folder that they all share."""
     root = tmp_path_factory.mktemp("train-runs")
-    dataset = write_dataset(root / "dataset")
-    plans = (("sd1", tiny_sd1_folder, dict(max_train_steps=4, save_every_n_steps=2, train_batch_size=1,
-                                           gradient_accumulation_steps=2)),
-             ("sdxl", tiny_sdxl_folder, dict(conv_dim=2, conv_alpha=1.0, train_text_encoder=True)),
-             ("sd1-again", tiny_sd1_folder, dict(max_train_steps=1, seed=7)))
-    result = {}
-    for name, model, changes in plans:
-        lines, echo = quiet()
-        config = tiny_config(model, dataset, root / "cache", **changes)
-        lora = run_training(config, root / name, echo=echo)
-        result[name] = Run(config, root / name, lora, events_of(lines))
-    return result
+    write_dataset(root / "dataset")
+    return root
+
+
+def finished_run(root: Path, name: str, model: Path, **changes) -> Run:
+    lines, echo = quiet()
+    config = tiny_config(model, root / "dataset", root / "cache", **changes)
+    lora = run_training(config, root / name, echo=echo)
+    return Run(config, root / name, lora, events_of(lines))
+
+
+# One fixture per configuration, so a configuration that breaks errors only its own tests.
+@pytest.fixture(scope="module")
+def sd1_run(training_root, tiny_sd1_folder) -> Run:
+    """SD 1.x: attention, 4 steps of micro-batch 1 x accumulation 2, a save point at 2."""
+    return finished_run(training_root, "sd1", tiny_sd1_folder, max_train_steps=4, save_every_n_steps=2,
+                        train_batch_size=1, gradient_accumulation_steps=2)
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(training_root, tiny_sdxl_folder) -> Run:
+    """SDXL: attention + 3x3 convolutions + both text encoders."""
+    return finished_run(training_root, "sdxl", tiny_sdxl_folder, conv_dim=2, conv_alpha=1.0, train_text_encoder=True)
+
+
+@pytest.fixture(scope="module")
+def sd1_again_run(sd1_run, training_root, tiny_sd1_folder) -> Run:
+    """SD 1.x again into another folder, after ``sd1_run``: it reads the caches that run filled."""
+    return finished_run(training_root, "sd1-again", tiny_sd1_folder, max_train_steps=1, seed=7)
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def sd1_or_sdxl_run(request: pytest.FixtureRequest) -> Run:
+    """The SD 1.x run, then the SDXL run: a test over both architectures, each half needing only its own run."""
+    return request.getfixturevalue(f"{request.param}_run")
 
 
 def lora_modules(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
@@ -121,9 +146,8 @@ def expected_modules(run: Run, tiny_sdxl: bool) -> dict[str, tuple[tuple[int, ..
     return expected
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
-def test_every_key_is_a_kohya_lora_key_with_the_right_shape_and_alpha(runs, name):
-    run = runs[name]
+def test_every_key_is_a_kohya_lora_key_with_the_right_shape_and_alpha(sd1_or_sdxl_run):
+    run, name = sd1_or_sdxl_run, sd1_or_sdxl_run.folder.name
     modules, _ = lora_modules(run.lora)
     expected = expected_modules(run, tiny_sdxl=name == "sdxl")
     assert set(modules) == set(expected)
@@ -140,8 +164,8 @@ def test_every_key_is_a_kohya_lora_key_with_the_right_shape_and_alpha(runs, name
         assert any(key.startswith("lora_unet_input_blocks_4_1_transformer_blocks_1_attn2") for key in modules)
 
 
-def test_the_lora_metadata_names_architecture_rank_alpha_steps_dataset_base_model_and_skill(runs):
-    sd1, sdxl = runs["sd1"], runs["sdxl"]
+def test_the_lora_metadata_names_architecture_rank_alpha_steps_dataset_base_model_and_skill(sd1_run):
+    sd1 = sd1_run
     _, metadata = lora_modules(sd1.lora)
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"]) == \
@@ -154,7 +178,10 @@ def test_the_lora_metadata_names_architecture_rank_alpha_steps_dataset_base_mode
     assert json.loads(metadata["ss_dataset_dirs"]) == {"dataset": {"n_repeats": 1, "img_count": 4}}
     assert metadata["ss_mixed_precision"] == "bf16"  # fp16 asked, on a CPU: bf16, and the log says why
     assert any(event["event"] == "notice" and "bf16" in event["message"] for event in sd1.events)
-    _, xl_metadata = lora_modules(sdxl.lora)
+
+
+def test_the_sdxl_lora_metadata_names_its_architecture_conv_layers_and_text_encoders(sdxl_run):
+    _, xl_metadata = lora_modules(sdxl_run.lora)
     assert xl_metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert json.loads(xl_metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     assert xl_metadata["ss_network_train_unet_only"] == "False"
@@ -164,11 +191,10 @@ def peft_layers(module) -> int:
     return sum(1 for _, layer in module.named_modules() if hasattr(layer, "lora_A") and len(layer.lora_A))
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
-def test_the_saved_lora_loads_in_diffusers_every_module_applied_and_changes_its_output(runs, name):
+def test_the_saved_lora_loads_in_diffusers_every_module_applied_and_changes_its_output(sd1_or_sdxl_run):
     from comfyui_selma.trainer.model_loading import load_pipeline
 
-    run = runs[name]
+    run, name = sd1_or_sdxl_run, sd1_or_sdxl_run.folder.name
     modules, _ = lora_modules(run.lora)
     pipeline = load_pipeline(run.config.pretrained_model_name_or_path)
     pipeline.set_progress_bar_config(disable=True)
@@ -187,8 +213,8 @@ def test_the_saved_lora_loads_in_diffusers_every_module_applied_and_changes_its_
     assert (after - before).abs().max() > 1e-4
 
 
-def test_checkpoints_log_and_a_lora_at_every_save_point(runs):
-    run = runs["sd1"]
+def test_checkpoints_log_and_a_lora_at_every_save_point(sd1_run):
+    run = sd1_run
     assert [step for step, _ in checkpoints(run.folder)] == [2, 4]
     for _, checkpoint in checkpoints(run.folder):
         assert (checkpoint / "lora_parameters.safetensors").is_file()
@@ -203,18 +229,30 @@ def test_checkpoints_log_and_a_lora_at_every_save_point(runs):
     assert read_config(run.folder / CONFIG_FILE) == absolute_paths(run.config)
 
 
-def test_caches_are_reused_by_a_run_on_the_same_data_and_model(runs):
-    def ready(run: Run) -> dict[str, tuple[int, int]]:
-        return {event["kind"]: (event["encoded"], event["reused"]) for event in run.events
-                if event["event"] == "cache_ready"}
+def cache_ready(run: Run) -> dict[str, tuple[int, int]]:
+    return {event["kind"]: (event["encoded"], event["reused"]) for event in run.events
+            if event["event"] == "cache_ready"}
 
-    assert ready(runs["sd1"]) == {"latents": (4, 0), "text": (4, 0)}
-    assert ready(runs["sd1-again"]) == {"latents": (0, 4), "text": (0, 4)}
-    assert ready(runs["sdxl"]) == {"latents": (4, 0)}  # text-encoder LoRA: captions are encoded every step
-    cached = list((Path(runs["sd1"].config.cache_dir)).rglob("*.safetensors"))
-    assert len(cached) == 4 + 4 + 4  # SD 1.x latents and captions, SDXL latents
+
+def model_cache_files(run: Run) -> list[Path]:
+    """Every file in the cache folder of the run's base model (the parent of its latent and text caches)."""
+    folders = {Path(event["folder"]).parent for event in run.events if event["event"] == "cache_ready"}
+    assert len(folders) == 1, folders
+    return list(folders.pop().rglob("*.safetensors"))
+
+
+def test_caches_are_reused_by_a_run_on_the_same_data_and_model(sd1_run, sd1_again_run):
+    assert cache_ready(sd1_run) == {"latents": (4, 0), "text": (4, 0)}
+    assert cache_ready(sd1_again_run) == {"latents": (0, 4), "text": (0, 4)}
+    cached = model_cache_files(sd1_run)
+    assert len(cached) == 4 + 4  # SD 1.x latents and captions
     with safe_open(str(next(path for path in cached if "latents" in str(path))), framework="pt") as stored:
         assert {"mean", "std", "mean_flipped", "std_flipped"} <= set(stored.keys())
+
+
+def test_a_text_encoder_lora_caches_the_latents_but_not_the_captions(sdxl_run):
+    assert cache_ready(sdxl_run) == {"latents": (4, 0)}  # text-encoder LoRA: captions are encoded every step
+    assert len(model_cache_files(sdxl_run)) == 4  # SDXL latents
 
 
 def test_loss_falls_on_a_fixed_batch(tmp_path, tiny_sd1_folder):
@@ -291,11 +329,11 @@ def test_v_prediction_models_learn_the_velocity_and_say_so(tmp_path, tiny_sd1_fo
     assert metadata["ss_v2"] == "True" and metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
 
 
-def test_resume_after_a_kill_at_a_random_step_gives_the_same_lora(runs, tmp_path):
+def test_resume_after_a_kill_at_a_random_step_gives_the_same_lora(sd1_run, tmp_path):
     """The trainer runs as the node starts it (accelerate launch, own process group) and is SIGKILLed after a
     random step; started again, it resumes from its newest checkpoint and ends with the LoRA of the run that
-    was left alone (``runs["sd1"]``: same settings, 4 steps, a checkpoint every 2)."""
-    uninterrupted = runs["sd1"]
+    was left alone (``sd1_run``: same settings, 4 steps, a checkpoint every 2)."""
+    uninterrupted = sd1_run
     config = absolute_paths(uninterrupted.config)
     kill_at = random.randint(1, 3)
     run_dir = tmp_path / "killed"
@@ -328,6 +366,74 @@ def test_resume_after_a_kill_at_a_random_step_gives_the_same_lora(runs, tmp_path
         {key: value for key, value in again_metadata.items() if key not in timing}
     logged = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
     assert [record["step"] for record in logged if record["event"] == "step"] == [1, 2, 3, 4]
+
+
+def test_micro_batches_are_drawn_by_their_place_in_the_global_batch_whatever_the_process_count():
+    one_process = StepPlan(seed=42, dataset_size=10, micro_batch=2, accumulation=4)
+    two_processes = StepPlan(seed=42, dataset_size=10, micro_batch=2, accumulation=2, processes=2)
+    for step in range(3):
+        for accumulation_index in range(2):
+            for process_index in range(2):
+                place = accumulation_index * 2 + process_index
+                assert two_processes.indices(step, accumulation_index, process_index) == \
+                    one_process.indices(step, place)
+                assert torch.equal(torch.rand(8, generator=two_processes.generator(step, accumulation_index,
+                                                                                  process_index)),
+                                   torch.rand(8, generator=one_process.generator(step, place)))
+    # One process draws what it drew before micro-batches were numbered this way: older runs resume identically.
+    assert [StepPlan(42, 4, 1, 2).generator(step, index).initial_seed() for step in (0, 3) for index in (0, 1)] == \
+        [5756857390519850928, 6489265344656823436, 420549389494747300, 6230966367235356251]
+
+
+def log_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
+
+
+def run_folder_files(folder: Path) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+def test_two_processes_train_the_lora_of_one_process_with_twice_the_accumulation_and_only_the_main_one_writes(
+        sd1_run, tmp_path):
+    """``accelerate launch --num_processes 2`` on the CPU (gloo), started as the Train node starts it. Micro-batch 1
+    on each of two processes is the global batch of ``sd1_run`` (one process, micro-batch 1 x accumulation 2): the
+    same losses, the same LoRA at every save point, and a run folder holding just what that run's holds."""
+    single = sd1_run
+    config = replace(absolute_paths(single.config), gradient_accumulation_steps=1, num_processes=2)
+    run_dir = tmp_path / "two-processes"
+    process = TrainerProcess(launch_command(prepare_run_folder(config, run_dir), num_processes=2))
+    deadline = time.monotonic() + 300
+    try:
+        events = []
+        for event in process.events():
+            if event is not None:
+                events.append(event)
+            if time.monotonic() > deadline:
+                pytest.fail(f"two processes took over 300 s:\n{process.tail_text()}")
+    finally:
+        process.stop()
+    assert process.returncode == 0, process.tail_text()
+    assert [event["processes"] for event in events if event["event"] == "start"] == [2]
+
+    logged = log_records(run_dir)
+    assert logged == events  # each event once: the second process neither prints nor logs
+    steps = [record for record in logged if record["event"] == "step"]
+    single_steps = [record for record in log_records(single.folder) if record["event"] == "step"]
+    assert [record["step"] for record in steps] == [1, 2, 3, 4]
+    assert [record["loss"] for record in steps] == pytest.approx([record["loss"] for record in single_steps],
+                                                                 rel=1e-4)
+    assert [record["lr"] for record in steps] == [record["lr"] for record in single_steps]
+    assert run_folder_files(run_dir) == run_folder_files(single.folder)  # one set of checkpoints, nothing more
+
+    for name in ("selma-expert-step00000002.safetensors", single.lora.name):
+        reference, _ = lora_modules(single.folder / name)
+        two, _ = lora_modules(run_dir / name)
+        assert set(reference) == set(two)
+        for module, parts in reference.items():
+            for part, tensor in parts.items():
+                torch.testing.assert_close(two[module][part], tensor, rtol=1e-5, atol=1e-7, msg=f"{name}: {module}")
+    _, metadata = lora_modules(run_dir / single.lora.name)
+    assert (metadata["ss_num_processes"], metadata["ss_total_batch_size"]) == ("2", "2")
 
 
 # Should a refusal ever fail to happen, the run that follows stays short.

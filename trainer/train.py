@@ -16,7 +16,8 @@ How a run goes, and why:
    in the compute precision, PyTorch SDPA attention (diffusers' default processor). SD 1.x learns
    the noise (epsilon), SD 2.x whatever its scheduler config predicts (v-prediction for 768-v),
    SDXL gets its pooled text embedding and size/crop time ids. Every random draw comes from a
-   generator seeded by (seed, step, micro-batch, process), so a resumed run equals an unbroken one.
+   generator seeded by (seed, step, micro-batch of the global batch), so a resumed run equals an
+   unbroken one and N processes train what one process does with N times the accumulation.
 4. **Save.** Every ``save_every_n_steps`` a LoRA file and an accelerate checkpoint (LoRA weights,
    optimizer, scheduler), both written under temporary names and renamed; the oldest checkpoints are
    rotated out. A new start resumes from the newest checkpoint by itself.
@@ -44,6 +45,7 @@ from .caption_encoding import CaptionEncoder, stack_conditioning
 from .files import atomic_write_text
 from .model_configs import cache_root
 from .model_hash import model_sha256
+from .render import accelerator_available
 from .settings import add_config_arguments, default_of
 from .train_config import CONFIG_FILE, TrainConfig, config_from_dict, read_config
 from .train_data import LatentCache, StepPlan, TextCache, TrainingItem, derived_seed, prepare_image
@@ -417,7 +419,9 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
     checked = checked or check_inputs(config)
     architecture = checked.architecture
     training_set = checked.training_set
-    state = PartialState()
+    # Without a GPU the processes of a launch talk over gloo, which accelerate only sets up when told cpu=True.
+    on_cpu = not accelerator_available()
+    state = PartialState(cpu=on_cpu)
     events = EventLog(run_dir / LOG_FILE, enabled=state.is_main_process, echo=echo)
     run = run_state(run_dir, config)
     if run.finished:
@@ -428,7 +432,7 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
                        f"{state.num_processes} were launched; the effective batch would change")
 
     precision, notice = resolve_precision(config.mixed_precision, state.device.type)
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
     device = accelerator.device
     if device.type == "cuda":  # fixed shapes every step: let cuDNN pick its fastest kernels; TF32 for fp32 parts
         torch.backends.cudnn.benchmark = True

@@ -322,16 +322,27 @@ class StepPlan:
     def global_batch(self) -> int:
         return self.micro_batch * self.accumulation * self.processes
 
+    def micro_batch_index(self, accumulation_index: int, process_index: int = 0) -> int:
+        """The micro-batch's place in its step's global batch: P processes with accumulation A share out
+        the micro-batches one process with accumulation P·A would train, in that order."""
+        return accumulation_index * self.processes + process_index
+
     def indices(self, step: int, accumulation_index: int, process_index: int = 0) -> list[int]:
-        first = step * self.global_batch + (accumulation_index * self.processes + process_index) * self.micro_batch
+        first = step * self.global_batch + self.micro_batch_index(accumulation_index, process_index) * self.micro_batch
         return [self._item_at(position) for position in range(first, first + self.micro_batch)]
 
     def generator(self, step: int, accumulation_index: int, process_index: int = 0) -> torch.Generator:
-        """The generator of a micro-batch's flips, timesteps and noise (on the CPU)."""
+        """The generator of a micro-batch's flips, timesteps and noise (on the CPU), keyed like :meth:`indices`
+        by the micro-batch's place in the global batch, so the process count does not change the draws.
+
+        The trailing 0 stands where the process index stood before: one process draws what it always drew,
+        and a run started before resumes identically.
+        """
         import torch
 
-        return torch.Generator().manual_seed(derived_seed(self.seed, "micro-batch", step, accumulation_index,
-                                                          process_index))
+        return torch.Generator().manual_seed(derived_seed(self.seed, "micro-batch", step,
+                                                          self.micro_batch_index(accumulation_index, process_index),
+                                                          0))
 
     def _item_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.dataset_size)
