@@ -75,6 +75,8 @@ PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: fla
 _PEFT_COMPONENT_PREFIX = {UNET: "unet.", TEXT_ENCODER_1: "text_encoder.", TEXT_ENCODER_2: "text_encoder_2."}
 _SAFETENSORS_MAGIC_LIMIT = 100_000_000  # a header longer than this is not a LoRA header
 METADATA_VALUE_SHOWN = 200
+# modelspec.prediction_type's values (SAI model spec; sd-scripts' PRED_TYPE_EPSILON / PRED_TYPE_V).
+MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 class LoraFileError(ValueError):
@@ -377,25 +379,34 @@ def lora_metadata(
     merged_from: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
     date: datetime.date | None = None,
+    prediction_type: str | None = None,
+    resolution: int | None = None,
 ) -> dict[str, str]:
     """The ``ss_*`` and SAI ``modelspec.*`` metadata of a LoRA for ``arch``, every value a string.
 
     ``ss_network_dim``/``ss_network_alpha`` are the rank and alpha most modules have (sd-scripts
-    writes one number); ``merged_from`` lists the source titles, joined as sd-scripts does.
+    writes one number); ``merged_from`` lists the source titles, joined as sd-scripts does. A trainer
+    knows what the base model predicts (``prediction_type``) and the size it trained at
+    (``resolution``); without them the family's assumed base model and its native size are written,
+    and no ``modelspec.prediction_type``.
     """
+    base = arch.base_model(prediction_type)
+    size = resolution or base.resolution
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": format_number(alpha),
-        "ss_base_model_version": arch.base_model_version,
+        "ss_base_model_version": base.base_model_version,
         "ss_v2": str(arch.v2),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{arch.modelspec_architecture}/lora",
+        "modelspec.architecture": f"{base.modelspec_architecture}/lora",
         "modelspec.implementation": arch.modelspec_implementation,
         "modelspec.title": title,
-        "modelspec.resolution": arch.resolution,
+        "modelspec.resolution": f"{size}x{size}",
         "modelspec.date": (date or datetime.date.today()).isoformat(),
     }
+    if prediction_type:
+        metadata["modelspec.prediction_type"] = MODELSPEC_PREDICTION_TYPES[base.prediction_type]
     if merged_from:
         metadata["modelspec.merged_from"] = ", ".join(merged_from)
     for key, value in (extra or {}).items():

@@ -13,10 +13,12 @@ How a run goes, and why:
    loop runs the UNet alone. Captions are encoded as ComfyUI encodes prompts: 77-token pieces,
    concatenated (:mod:`trainer.caption_encoding`).
 3. **Train.** LoRA (PEFT) on the UNet attention projections, fp32 LoRA weights over frozen weights
-   in the compute precision, PyTorch SDPA attention (diffusers' default processor). SD 1.x learns
-   the noise (epsilon), SD 2.x whatever its scheduler config predicts (v-prediction for 768-v),
-   SDXL gets its pooled text embedding and size/crop time ids. Every random draw comes from a
-   generator seeded by (seed, step, micro-batch, process), so a resumed run equals an unbroken one.
+   in the compute precision, PyTorch SDPA attention (diffusers' default processor). The LoRA learns
+   what the base model predicts, the noise (epsilon) or the velocity (v): as a diffusers folder's
+   scheduler config says, as a single file's weights say (read the way ComfyUI reads them), or as
+   the ``prediction_type`` setting says. SDXL gets its pooled text embedding and size/crop time
+   ids. Every random draw comes from a generator seeded by (seed, step, micro-batch, process), so a
+   resumed run equals an unbroken one.
 4. **Save.** Every ``save_every_n_steps`` a LoRA file and an accelerate checkpoint (LoRA weights,
    optimizer, scheduler), both written under temporary names and renamed; the oldest checkpoints are
    rotated out. A new start resumes from the newest checkpoint by itself.
@@ -152,13 +154,15 @@ class BaseModel:
         return self.noise_scheduler.config.prediction_type
 
 
-def load_base_model(config: TrainConfig, architecture: str, load_dtype: torch.dtype) -> BaseModel:
+def load_base_model(config: TrainConfig, architecture: str, load_dtype: torch.dtype,
+                    prediction_type: str | None = None) -> BaseModel:
+    """The frozen base model; its noise scheduler predicts ``prediction_type`` (None: what the model says)."""
     from diffusers import DDPMScheduler
 
     from .model_loading import load_pipeline
 
     pipeline = load_pipeline(config.pretrained_model_name_or_path, architecture=architecture, torch_dtype=load_dtype,
-                             config=config.model_config_dir or None)
+                             config=config.model_config_dir or None, prediction_type=prediction_type)
     encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if architecture == "sdxl" else [])
     tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if architecture == "sdxl" else [])
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -239,7 +243,8 @@ def write_lora_file(path: Path, tensors: dict[str, torch.Tensor], config: TrainC
         alpha = config.effective_conv_alpha() if is_conv else config.network_alpha
         lora.modules[name] = LoraModule(down=module.down, up=module.up, alpha=float(alpha))
     lora.metadata = lora_metadata(lora.architecture, title=config.output_name, rank=config.network_dim,
-                                  alpha=config.network_alpha, extra=training_metadata(config, facts))
+                                  alpha=config.network_alpha, extra=training_metadata(config, facts),
+                                  prediction_type=facts["prediction_type"], resolution=facts["resolution"])
     return write_lora(lora, path, dtype=torch_dtype(config.save_precision))
 
 
@@ -415,7 +420,8 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
     from accelerate import Accelerator, PartialState
 
     checked = checked or check_inputs(config)
-    architecture = checked.architecture
+    family = checked.family
+    architecture = family.architecture
     training_set = checked.training_set
     state = PartialState()
     events = EventLog(run_dir / LOG_FILE, enabled=state.is_main_process, echo=echo)
@@ -439,14 +445,15 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
     weight_dtype = torch_dtype(precision)
     load_dtype = torch.float16 if weight_dtype == torch.float16 else torch.float32
     started_at = time.time()
-    resolution = config.resolution_for(architecture)
-    events.emit("start", architecture=architecture, images=len(training_set), resolution=resolution,
-                max_steps=config.max_train_steps, resume_step=run.step, mixed_precision=precision,
+    resolution = config.resolution_for(family)
+    events.emit("start", architecture=architecture, prediction_type=family.prediction_type,
+                images=len(training_set), resolution=resolution, max_steps=config.max_train_steps,
+                resume_step=run.step, mixed_precision=precision,
                 processes=accelerator.num_processes, device=str(device),
                 total_batch_size=(config.train_batch_size * config.gradient_accumulation_steps
                                   * accelerator.num_processes))
 
-    model = load_base_model(config, architecture, load_dtype)
+    model = load_base_model(config, architecture, load_dtype, family.prediction_type)
     data = prepare_training_data(model, config, training_set.items, resolution, accelerator, events, weight_dtype)
 
     add_lora(model, config)
