@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -42,12 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .caption_encoding import CaptionEncoder, stack_conditioning
+from .caption_encoding import TOKENS_PER_CHUNK, CaptionEncoder, caption_pieces, stack_conditioning
 from .files import atomic_write_text
 from .model_configs import cache_root
 from .model_hash import model_sha256
 from .settings import add_config_arguments, default_of
-from .train_config import CONFIG_FILE, TrainConfig, config_from_dict, read_config
+from .train_config import CONFIG_FILE, CONTINUABLE_FIELDS, TrainConfig, config_from_dict, read_config
 from .train_data import LatentCache, StepPlan, TextCache, TrainingItem, derived_seed, prepare_image
 from .train_run import (
     CHECKPOINT_PREFIX,
@@ -249,7 +250,11 @@ def write_lora_file(path: Path, tensors: dict[str, torch.Tensor], config: TrainC
 
 
 def training_metadata(config: TrainConfig, facts: dict[str, Any]) -> dict[str, str]:
-    """The training facts sd-scripts records (``ss_*``), the SAI description, and SELMA's own keys."""
+    """The training facts sd-scripts records (``ss_*``), the SAI description, and SELMA's own keys.
+
+    Files and folders appear by name only: a LoRA is shared, its metadata must not show where the
+    dataset and the base model sit on the machine that trained it.
+    """
     skill = facts["skill"]
     network_args = {"conv_dim": str(config.conv_dim), "conv_alpha": str(config.effective_conv_alpha())} \
         if config.conv_dim else {}
@@ -276,6 +281,12 @@ def training_metadata(config: TrainConfig, facts: dict[str, Any]) -> dict[str, s
         "ss_mixed_precision": facts["mixed_precision"],
         "ss_save_precision": config.save_precision,
         "ss_seed": str(config.seed),
+        "ss_session_id": str(facts["session_id"]),
+        "ss_num_epochs": str(facts["epochs"]),
+        # Every family encodes with its own default layer, what sd-scripts records as no clip_skip.
+        "ss_clip_skip": "None",
+        "ss_max_token_length": str(facts["max_token_length"]) if facts["max_token_length"] > TOKENS_PER_CHUNK
+        else "None",
         "ss_flip_aug": str(config.flip_aug),
         "ss_random_crop": str(config.random_crop),
         "ss_min_snr_gamma": str(config.min_snr_gamma) if config.min_snr_gamma else "None",
@@ -287,8 +298,8 @@ def training_metadata(config: TrainConfig, facts: dict[str, Any]) -> dict[str, s
         "ss_v_parameterization": str(facts["prediction_type"] == "v_prediction"),
         "ss_sd_model_name": Path(config.pretrained_model_name_or_path).name,
         "ss_new_sd_model_hash": facts["base_sha256"],
-        "ss_dataset_dirs": json.dumps({Path(config.train_data_dir).name: {"n_repeats": 1,
-                                                                          "img_count": facts["images"]}}),
+        "ss_dataset_dirs": json.dumps({facts["dataset"]: {"n_repeats": 1, "img_count": facts["images"]}}),
+        "ss_tag_frequency": json.dumps({facts["dataset"]: facts["tag_frequency"]}),
         "ss_training_comment": description,
         "ss_training_started_at": str(facts["started_at"]),
         "ss_training_finished_at": str(round(time.time(), 3)),
@@ -304,6 +315,32 @@ def training_metadata(config: TrainConfig, facts: dict[str, Any]) -> dict[str, s
     if network_args:
         metadata["ss_network_args"] = json.dumps(network_args)
     return metadata
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How often each comma-separated tag occurs in the captions, lower-cased, as sd-scripts counts
+    for ``ss_tag_frequency`` (a sentence caption is one tag)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def longest_caption_tokens(tokenizer, captions: list[str], mode: str) -> int:
+    """The caption tokens the longest caption is trained with: its 75-token pieces times 75, what
+    sd-scripts' ``max_token_length`` (75, 150, 225) caps."""
+    return TOKENS_PER_CHUNK * max((len(caption_pieces(tokenizer, caption, mode)) for caption in captions), default=1)
+
+
+def session_id(config: TrainConfig, base_sha256: str) -> int:
+    """sd-scripts' ``ss_session_id``: a 32-bit number shared by every LoRA one run saves. A run here
+    is a function of its settings, so the number is too: a resumed run keeps it."""
+    kept = {name: value for name, value in config.as_dict().items() if name not in CONTINUABLE_FIELDS}
+    digest = hashlib.sha256(f"{base_sha256}|{json.dumps(kept, sort_keys=True)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 # ------------------------------------------------------------------------------------- micro-batch
@@ -454,6 +491,8 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
                                   * accelerator.num_processes))
 
     model = load_base_model(config, architecture, load_dtype, family.prediction_type)
+    captions = [item.caption for item in training_set.items]
+    max_token_length = longest_caption_tokens(model.tokenizers[0], captions, config.caption_encoding)
     data = prepare_training_data(model, config, training_set.items, resolution, accelerator, events, weight_dtype)
 
     add_lora(model, config)
@@ -500,7 +539,11 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
     facts = {"skill": config.skill or training_set.skill, "images": len(training_set), "resolution": resolution,
              "total_batch_size": plan.global_batch, "processes": accelerator.num_processes,
              "mixed_precision": precision, "prediction_type": model.prediction_type, "base_sha256": model.sha256,
-             "dataset": str(training_set.folder), "started_at": started_at, "steps": step}
+             "dataset": training_set.folder.name, "tag_frequency": tag_frequency(captions),
+             "max_token_length": max_token_length, "session_id": session_id(config, model.sha256),
+             # The loop walks the dataset as one stream of shuffled epochs: those it reaches into.
+             "epochs": math.ceil(config.max_train_steps * plan.global_batch / len(training_set)),
+             "started_at": started_at, "steps": step}
     saver = Saver(accelerator, run_dir, config, architecture, facts, events, unet, trained_encoders)
 
     unet.train()
