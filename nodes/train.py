@@ -23,7 +23,13 @@ from typing import Any
 from ..trainer.dataset import resolve_dataset_folder
 from ..trainer.files import atomic_path, check_name
 from ..trainer.settings import current_choice, default_of, help_of, renamed_choices
-from ..trainer.train_config import CAPTION_ENCODINGS, MIXED_PRECISIONS, OPTIMIZERS, TrainConfig
+from ..trainer.train_config import (
+    CAPTION_ENCODINGS,
+    MIXED_PRECISIONS,
+    OPTIMIZERS,
+    PREDICTION_TYPE_CHOICES,
+    TrainConfig,
+)
 from ..trainer.train_run import (
     RunError,
     TrainerProcess,
@@ -130,6 +136,9 @@ class SelmaTrainLoraExpert:
                                                        "tooltip": _tip("gradient_checkpointing")}),
                 "optimizer": (list(OPTIMIZERS), {"default": default_of(TrainConfig, "optimizer_type"),
                                                  "tooltip": _tip("optimizer_type")}),
+                "prediction_type": (list(PREDICTION_TYPE_CHOICES),
+                                    {"default": default_of(TrainConfig, "prediction_type"),
+                                     "tooltip": _tip("prediction_type")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -138,7 +147,8 @@ class SelmaTrainLoraExpert:
               learning_rate: float, steps: int, batch_size: int, gradient_accumulation: int, resolution: int,
               precision: str, seed: int, save_every: int, gpus: int, base_model_path: str = "",
               caption_encoding: str = "chunks", train_text_encoder: bool = False, gradient_checkpointing: bool = False,
-              optimizer: str = "AdamW", unique_id: str | None = None) -> tuple[str, str]:
+              optimizer: str = "AdamW", prediction_type: str = "auto",
+              unique_id: str | None = None) -> tuple[str, str]:
         name = check_name(lora_name.strip().removesuffix(".safetensors"), "lora_name")
         if not dataset_path.strip():
             raise RunError("dataset_path: empty; connect SELMA Render Dataset's dataset_path or type a dataset folder")
@@ -151,7 +161,8 @@ class SelmaTrainLoraExpert:
             num_processes=gpus, train_text_encoder=train_text_encoder,
             caption_encoding=current_choice(TrainConfig, "caption_encoding", caption_encoding,
                                             f"{self.DISPLAY_NAME} node", notify=log.warning),
-            gradient_checkpointing=gradient_checkpointing, optimizer_type=optimizer))
+            gradient_checkpointing=gradient_checkpointing, optimizer_type=optimizer,
+            prediction_type=prediction_type))
         run_dir = selma_output_path("train", name)
         lora_target = self._lora_target(name)
         check_inputs(config)  # dataset, base model family, settings: refused here, before anything starts

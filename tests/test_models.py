@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from comfyui_selma.trainer import clip_tokenizer
 from comfyui_selma.trainer.model_configs import ARCHITECTURES, CONFIGS_PATH, config_folder, detect_architecture
-from comfyui_selma.trainer.model_loading import checkpoint_architecture, load_pipeline
+from comfyui_selma.trainer.model_loading import checkpoint_family, load_pipeline
 
 # Published sizes of the real models (parameters).
 UNET_PARAMETERS = {"sd1": 859_520_964, "sd2": 865_910_724, "sdxl": 2_567_463_684}
@@ -206,7 +206,7 @@ def test_single_file_checkpoint_loads_offline_into_the_same_weights_as_the_folde
     checkpoint: Path = request.getfixturevalue(f"tiny_{architecture}_checkpoint")
     folder: Path = request.getfixturevalue(f"tiny_{architecture}_folder")
     reference = request.getfixturevalue(f"tiny_{architecture}_from_folder")
-    assert checkpoint_architecture(checkpoint) == architecture
+    assert checkpoint_family(checkpoint).architecture == architecture
     loaded = _load_offline(checkpoint, config=folder)  # the shipped configs are full size; the folder's fit
     assert type(loaded) is type(reference)
     components = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if architecture == "sdxl" else [])

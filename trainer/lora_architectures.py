@@ -34,7 +34,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .model_configs import ARCHITECTURES, CONFIGS_PATH
+from .model_configs import ARCHITECTURES, CONFIGS_PATH, check_prediction_type, native_resolution
 
 UNET = "unet"
 TEXT_ENCODER_1 = "te1"
@@ -84,6 +84,16 @@ class TextEncoder:
 
 
 @dataclass(frozen=True)
+class BaseModelSpec:
+    """How a LoRA's metadata names its base model (as sd-scripts writes it)."""
+
+    modelspec_architecture: str  # SAI model spec id of the base model, + "/lora" for a LoRA
+    base_model_version: str  # ss_base_model_version
+    resolution: int  # the base model's native square size (modelspec.resolution when nothing else is known)
+    prediction_type: str  # epsilon / v_prediction
+
+
+@dataclass(frozen=True)
 class Architecture:
     """A Stable Diffusion family as LoRA files see it."""
 
@@ -93,11 +103,17 @@ class Architecture:
     cross_attention_dim: int
     text_encoders: tuple[TextEncoder, ...]
     unet_modules: tuple[UNetModule, ...]
-    modelspec_architecture: str  # SAI model spec id of the base model, + "/lora" for a LoRA
     modelspec_implementation: str
-    base_model_version: str  # ss_base_model_version as sd-scripts writes it
     v2: bool
-    resolution: str
+    # What a LoRA whose base model nobody told us is taken to be for: its weights cannot tell SD 2.x's
+    # 512 px epsilon model from 768-v; like sd-scripts we assume 768-v.
+    assumed_prediction_type: str
+
+    def base_model(self, prediction_type: str | None = None) -> BaseModelSpec:
+        """The base model's names for a UNet predicting ``prediction_type`` (None: the assumed one)."""
+        prediction = check_prediction_type(prediction_type or self.assumed_prediction_type)
+        modelspec_id, version = _BASE_MODELS[self.name, prediction]
+        return BaseModelSpec(modelspec_id, version, native_resolution(self.name, prediction), prediction)
 
     @functools.cached_property
     def _unet_lookup(self) -> dict[str, UNetModule]:
@@ -225,16 +241,22 @@ def _text_encoder(architecture: str, component: str, kohya_prefix: str, comfy_na
 
 
 _FAMILIES = {
-    # name: (title, kohya UNet naming, text encoders (component, kohya prefix, ComfyUI name), modelspec id,
-    #        modelspec implementation, ss_base_model_version, ss_v2, resolution)
-    "sd1": ("SD 1.x", DIFFUSERS_NAMING, ((TEXT_ENCODER_1, "lora_te_", "clip_l"),), "stable-diffusion-v1",
-            "diffusers", "sd_v1", False, "512x512"),
-    # LoRA weights cannot tell SD 2.x-base (512, epsilon) from 768-v; like sd-scripts we assume 768-v.
-    "sd2": ("SD 2.x", DIFFUSERS_NAMING, ((TEXT_ENCODER_1, "lora_te_", "clip_h"),), "stable-diffusion-v2-768-v",
-            "diffusers", "sd_v2_v", True, "768x768"),
+    # name: (title, kohya UNet naming, text encoders (component, kohya prefix, ComfyUI name),
+    #        modelspec implementation, ss_v2, assumed prediction type)
+    "sd1": ("SD 1.x", DIFFUSERS_NAMING, ((TEXT_ENCODER_1, "lora_te_", "clip_l"),), "diffusers", False, "epsilon"),
+    "sd2": ("SD 2.x", DIFFUSERS_NAMING, ((TEXT_ENCODER_1, "lora_te_", "clip_h"),), "diffusers", True, "v_prediction"),
     "sdxl": ("SDXL", LDM_NAMING, ((TEXT_ENCODER_1, "lora_te1_", "clip_l"), (TEXT_ENCODER_2, "lora_te2_", "clip_g")),
-             "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", "sdxl_base_v1-0",
-             False, "1024x1024"),
+             "https://github.com/Stability-AI/generative-models", False, "epsilon"),
+}
+# (family, prediction type) → (SAI modelspec id, ss_base_model_version), as sd-scripts' sai_model_spec
+# and model_util.get_model_version_str_for_sd1_sd2 name them; SDXL's names do not change with v.
+_BASE_MODELS = {
+    ("sd1", "epsilon"): ("stable-diffusion-v1", "sd_v1"),
+    ("sd1", "v_prediction"): ("stable-diffusion-v1", "sd_v1_v"),
+    ("sd2", "epsilon"): ("stable-diffusion-v2-512", "sd_v2"),
+    ("sd2", "v_prediction"): ("stable-diffusion-v2-768-v", "sd_v2_v"),
+    ("sdxl", "epsilon"): ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
+    ("sdxl", "v_prediction"): ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
 }
 
 
@@ -243,13 +265,13 @@ def architecture(name: str) -> Architecture:
     """The :class:`Architecture` called ``name`` (``sd1``, ``sd2``, ``sdxl``)."""
     if name not in _FAMILIES:
         raise ValueError(f"architecture: {name!r} is not supported; expected one of {', '.join(ARCHITECTURES)}")
-    title, naming, encoders, modelspec_id, implementation, base_version, v2, resolution = _FAMILIES[name]
+    title, naming, encoders, implementation, v2, assumed_prediction_type = _FAMILIES[name]
     unet_config = _read_config(name, "unet")
     return Architecture(
         name=name, title=title, kohya_unet_naming=naming, cross_attention_dim=int(unet_config["cross_attention_dim"]),
         text_encoders=tuple(_text_encoder(name, *encoder) for encoder in encoders),
-        unet_modules=unet_catalog(unet_config), modelspec_architecture=modelspec_id,
-        modelspec_implementation=implementation, base_model_version=base_version, v2=v2, resolution=resolution)
+        unet_modules=unet_catalog(unet_config), modelspec_implementation=implementation, v2=v2,
+        assumed_prediction_type=assumed_prediction_type)
 
 
 def all_architectures() -> list[Architecture]:

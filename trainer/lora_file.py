@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -75,6 +76,12 @@ PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: fla
 _PEFT_COMPONENT_PREFIX = {UNET: "unet.", TEXT_ENCODER_1: "text_encoder.", TEXT_ENCODER_2: "text_encoder_2."}
 _SAFETENSORS_MAGIC_LIMIT = 100_000_000  # a header longer than this is not a LoRA header
 METADATA_VALUE_SHOWN = 200
+MODEL_HASH_KEY = "sshs_model_hash"
+LEGACY_HASH_KEY = "sshs_legacy_hash"
+_LEGACY_HASH_OFFSET = 0x100000  # sd-webui-additional-networks' old hash: 64 KiB at 1 MiB
+_LEGACY_HASH_LENGTH = 0x10000
+# modelspec.prediction_type's values (SAI model spec; sd-scripts' PRED_TYPE_EPSILON / PRED_TYPE_V).
+MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 class LoraFileError(ValueError):
@@ -353,12 +360,14 @@ def kohya_state_dict(lora: Lora, dtype: torch.dtype | None = None) -> dict[str, 
 
 
 def write_lora(lora: Lora, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
-    """Write ``lora`` to ``path`` in kohya layout with ``lora.metadata`` (every value a string), atomically."""
+    """Write ``lora`` to ``path`` in kohya layout with ``lora.metadata`` (every value a string) and the
+    file's own ``sshs_*`` hashes (:func:`safetensors_hashes`, replacing any it was read with), atomically."""
     from safetensors.torch import save_file
 
     target = Path(path)
     metadata = {str(key): str(value) for key, value in lora.metadata.items()}
     tensors = kohya_state_dict(lora, dtype)
+    metadata[MODEL_HASH_KEY], metadata[LEGACY_HASH_KEY] = safetensors_hashes(tensors, metadata)
     with atomic_path(target) as temporary:
         save_file(tensors, os.fspath(temporary), metadata=metadata)
     return target
@@ -377,30 +386,57 @@ def lora_metadata(
     merged_from: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
     date: datetime.date | None = None,
+    prediction_type: str | None = None,
+    resolution: int | None = None,
 ) -> dict[str, str]:
     """The ``ss_*`` and SAI ``modelspec.*`` metadata of a LoRA for ``arch``, every value a string.
 
     ``ss_network_dim``/``ss_network_alpha`` are the rank and alpha most modules have (sd-scripts
-    writes one number); ``merged_from`` lists the source titles, joined as sd-scripts does.
+    writes one number); ``merged_from`` lists the source titles, joined as sd-scripts does. A trainer
+    knows what the base model predicts (``prediction_type``) and the size it trained at
+    (``resolution``); without them the family's assumed base model and its native size are written,
+    and no ``modelspec.prediction_type``.
     """
+    base = arch.base_model(prediction_type)
+    size = resolution or base.resolution
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": format_number(alpha),
-        "ss_base_model_version": arch.base_model_version,
+        "ss_base_model_version": base.base_model_version,
         "ss_v2": str(arch.v2),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{arch.modelspec_architecture}/lora",
+        "modelspec.architecture": f"{base.modelspec_architecture}/lora",
         "modelspec.implementation": arch.modelspec_implementation,
         "modelspec.title": title,
-        "modelspec.resolution": arch.resolution,
+        "modelspec.resolution": f"{size}x{size}",
         "modelspec.date": (date or datetime.date.today()).isoformat(),
     }
+    if prediction_type:
+        metadata["modelspec.prediction_type"] = MODELSPEC_PREDICTION_TYPES[base.prediction_type]
     if merged_from:
         metadata["modelspec.merged_from"] = ", ".join(merged_from)
     for key, value in (extra or {}).items():
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
     return metadata
+
+
+def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)``: the hashes A1111's additional-networks extension indexes
+    a LoRA by, computed as sd-scripts' ``train_util.precalculate_safetensors_hashes`` does.
+
+    Both are taken over the file as it would be written with only the ``ss_*`` metadata (keys added
+    later, these two included, do not change them): the model hash is the SHA-256 of everything after
+    the header (the tensor bytes, which the metadata never changes), the legacy hash the first 8 hex
+    digits of the SHA-256 of the 64 KiB at offset 1 MiB (empty, so a fixed value, for smaller files).
+    """
+    from safetensors.torch import save
+
+    serialized = save(dict(tensors), {key: value for key, value in metadata.items() if key.startswith("ss_")})
+    header_length = int.from_bytes(serialized[:8], "little")
+    model_hash = hashlib.sha256(serialized[8 + header_length:]).hexdigest()
+    legacy_hash = hashlib.sha256(serialized[_LEGACY_HASH_OFFSET:_LEGACY_HASH_OFFSET + _LEGACY_HASH_LENGTH]).hexdigest()
+    return model_hash, legacy_hash[:8]
 
 
 # --- `selma lora info` -----------------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ configs of SD 1.5, SD 2.1 (768-v) and SDXL base 1.0 in ``data/configs/<architect
 
 The shipped pipelines leave out the safety checker and its feature extractor: an LDM checkpoint
 does not contain them, and SD 2.1 and SDXL ship without one too.
+
+A family alone does not say what the UNet predicts: SD 2.x comes as the 512 px epsilon model
+(``v2-1_512``) and the 768 px v-prediction model (``v2-1_768-v``) with the same shapes, and some SDXL
+fine-tunes predict v. :class:`ModelFamily` holds both; :func:`native_resolution` the size each
+was trained at.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import clip_tokenizer
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONFIGS_PATH = Path(__file__).parent / "data" / "configs"
 # The square image size each family was trained at (SD 2.x: its 768-v models, as the shipped config).
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -51,16 +58,32 @@ def check_architecture(architecture: str) -> str:
     return architecture
 
 
-def native_resolution(architecture: str, prediction_type: str = "v_prediction") -> int:
-    """The square size a model of ``architecture`` renders best at: the size it was trained at.
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a base model is: its family (``sd1``, ``sd2``, ``sdxl``) and what its UNet predicts."""
 
-    Only SD 2.x depends on ``prediction_type``: its 768-v models predict ``v_prediction``, its base
-    models ``epsilon`` at 512.
-    """
-    check_architecture(architecture)
-    if architecture == "sd2" and prediction_type == "epsilon":
+    architecture: str
+    prediction_type: str  # epsilon / v_prediction
+
+    @property
+    def native_resolution(self) -> int:
+        return native_resolution(self.architecture, self.prediction_type)
+
+
+def native_resolution(architecture: str, prediction_type: str) -> int:
+    """The square size a family was trained at: SD 1.x 512, SD 2.x 768 for v-prediction (768-v) and 512
+    for epsilon (the 512 base model), SDXL 1024 (how sd-scripts picks ``modelspec.resolution``)."""
+    if check_architecture(architecture) == "sd2" and prediction_type == "epsilon":
         return SD2_BASE_RESOLUTION
     return NATIVE_RESOLUTION[architecture]
+
+
+def check_prediction_type(prediction_type: str, source: str = "prediction_type") -> str:
+    """Return ``prediction_type`` if it is one of :data:`PREDICTION_TYPES`; raise naming the choices otherwise."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{source}: {prediction_type!r} is not supported; expected one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    return prediction_type
 
 
 def cache_root() -> Path:

@@ -37,8 +37,7 @@ from .dataset import (
     prepare_dataset,
     render_pending,
 )
-from .model_configs import config_folder
-from .model_loading import checkpoint_architecture, load_pipeline
+from .model_loading import checkpoint_family, load_pipeline
 from .prompt_set import PromptSet, PromptSetError, prompt_set_of
 from .settings import add_config_arguments, config_from_arguments, setting
 
@@ -240,19 +239,15 @@ def load_renderer_pipeline(model: str | os.PathLike[str], device: torch.device |
     return pipeline.to(device)
 
 
-def _config_of_model(model: Path, architecture: str | None, model_config: str | os.PathLike[str] | None) -> Path:
-    """The diffusers folder that describes ``model``'s shapes: the folder itself, or a checkpoint's config."""
-    if model.is_dir():
-        return model
-    if model_config:
-        return Path(model_config)
-    return config_folder(architecture or checkpoint_architecture(model))
-
-
 def native_size(model: str | os.PathLike[str], architecture: str | None = None,
                 model_config: str | os.PathLike[str] | None = None) -> int:
-    """The image size a model was trained at, read from its configs (no weights are loaded)."""
-    folder = _config_of_model(Path(model), architecture, model_config)
+    """The image size a model was trained at, from its configs, or for a single file with the shipped
+    configs from its family and prediction type (SD 2.x: 768 for 768-v, 512 for the epsilon base model).
+    No weights are loaded."""
+    model = Path(model)
+    folder = model if model.is_dir() else Path(model_config) if model_config else None
+    if folder is None:
+        return checkpoint_family(model, architecture).native_resolution
     unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
     vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
     sample_size = unet["sample_size"]

@@ -13,11 +13,13 @@ How a run goes, and why:
    loop runs the UNet alone. Captions are encoded as ComfyUI encodes prompts: 77-token pieces,
    concatenated (:mod:`trainer.caption_encoding`).
 3. **Train.** LoRA (PEFT) on the UNet attention projections, fp32 LoRA weights over frozen weights
-   in the compute precision, PyTorch SDPA attention (diffusers' default processor). SD 1.x learns
-   the noise (epsilon), SD 2.x whatever its scheduler config predicts (v-prediction for 768-v),
-   SDXL gets its pooled text embedding and size/crop time ids. Every random draw comes from a
-   generator seeded by (seed, step, micro-batch of the global batch), so a resumed run equals an
-   unbroken one and N processes train what one process does with N times the accumulation.
+   in the compute precision, PyTorch SDPA attention (diffusers' default processor). The LoRA learns
+   what the base model predicts, the noise (epsilon) or the velocity (v): as a diffusers folder's
+   scheduler config says, as a single file's weights say (read the way ComfyUI reads them), or as
+   the ``prediction_type`` setting says. SDXL gets its pooled text embedding and size/crop time
+   ids. Every random draw comes from a generator seeded by (seed, step, micro-batch of the global batch), so a
+   resumed run equals an unbroken one and N processes train what one process does with N times the
+   accumulation.
 4. **Save.** Every ``save_every_n_steps`` a LoRA file and an accelerate checkpoint (LoRA weights,
    optimizer, scheduler), both written under temporary names and renamed; the oldest checkpoints are
    rotated out. A new start resumes from the newest checkpoint by itself.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -41,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .caption_encoding import CaptionEncoder, stack_conditioning
+from .caption_encoding import TOKENS_PER_CHUNK, CaptionEncoder, caption_pieces, stack_conditioning
 from .files import atomic_write_text
 from .model_configs import cache_root
 from .model_hash import model_sha256
 from .render import accelerator_available
 from .settings import add_config_arguments, default_of
-from .train_config import CONFIG_FILE, TrainConfig, config_from_dict, read_config
+from .train_config import CONFIG_FILE, CONTINUABLE_FIELDS, TrainConfig, config_from_dict, read_config
 from .train_data import LatentCache, StepPlan, TextCache, TrainingItem, derived_seed, prepare_image
 from .train_run import (
     CHECKPOINT_PREFIX,
@@ -154,13 +157,15 @@ class BaseModel:
         return self.noise_scheduler.config.prediction_type
 
 
-def load_base_model(config: TrainConfig, architecture: str, load_dtype: torch.dtype) -> BaseModel:
+def load_base_model(config: TrainConfig, architecture: str, load_dtype: torch.dtype,
+                    prediction_type: str | None = None) -> BaseModel:
+    """The frozen base model; its noise scheduler predicts ``prediction_type`` (None: what the model says)."""
     from diffusers import DDPMScheduler
 
     from .model_loading import load_pipeline
 
     pipeline = load_pipeline(config.pretrained_model_name_or_path, architecture=architecture, torch_dtype=load_dtype,
-                             config=config.model_config_dir or None)
+                             config=config.model_config_dir or None, prediction_type=prediction_type)
     encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if architecture == "sdxl" else [])
     tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if architecture == "sdxl" else [])
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -241,12 +246,17 @@ def write_lora_file(path: Path, tensors: dict[str, torch.Tensor], config: TrainC
         alpha = config.effective_conv_alpha() if is_conv else config.network_alpha
         lora.modules[name] = LoraModule(down=module.down, up=module.up, alpha=float(alpha))
     lora.metadata = lora_metadata(lora.architecture, title=config.output_name, rank=config.network_dim,
-                                  alpha=config.network_alpha, extra=training_metadata(config, facts))
+                                  alpha=config.network_alpha, extra=training_metadata(config, facts),
+                                  prediction_type=facts["prediction_type"], resolution=facts["resolution"])
     return write_lora(lora, path, dtype=torch_dtype(config.save_precision))
 
 
 def training_metadata(config: TrainConfig, facts: dict[str, Any]) -> dict[str, str]:
-    """The training facts sd-scripts records (``ss_*``), the SAI description, and SELMA's own keys."""
+    """The training facts sd-scripts records (``ss_*``), the SAI description, and SELMA's own keys.
+
+    Files and folders appear by name only: a LoRA is shared, its metadata must not show where the
+    dataset and the base model sit on the machine that trained it.
+    """
     skill = facts["skill"]
     network_args = {"conv_dim": str(config.conv_dim), "conv_alpha": str(config.effective_conv_alpha())} \
         if config.conv_dim else {}
@@ -273,6 +283,12 @@ def training_metadata(config: TrainConfig, facts: dict[str, Any]) -> dict[str, s
         "ss_mixed_precision": facts["mixed_precision"],
         "ss_save_precision": config.save_precision,
         "ss_seed": str(config.seed),
+        "ss_session_id": str(facts["session_id"]),
+        "ss_num_epochs": str(facts["epochs"]),
+        # Every family encodes with its own default layer, what sd-scripts records as no clip_skip.
+        "ss_clip_skip": "None",
+        "ss_max_token_length": str(facts["max_token_length"]) if facts["max_token_length"] > TOKENS_PER_CHUNK
+        else "None",
         "ss_flip_aug": str(config.flip_aug),
         "ss_random_crop": str(config.random_crop),
         "ss_min_snr_gamma": str(config.min_snr_gamma) if config.min_snr_gamma else "None",
@@ -284,8 +300,8 @@ def training_metadata(config: TrainConfig, facts: dict[str, Any]) -> dict[str, s
         "ss_v_parameterization": str(facts["prediction_type"] == "v_prediction"),
         "ss_sd_model_name": Path(config.pretrained_model_name_or_path).name,
         "ss_new_sd_model_hash": facts["base_sha256"],
-        "ss_dataset_dirs": json.dumps({Path(config.train_data_dir).name: {"n_repeats": 1,
-                                                                          "img_count": facts["images"]}}),
+        "ss_dataset_dirs": json.dumps({facts["dataset"]: {"n_repeats": 1, "img_count": facts["images"]}}),
+        "ss_tag_frequency": json.dumps({facts["dataset"]: facts["tag_frequency"]}),
         "ss_training_comment": description,
         "ss_training_started_at": str(facts["started_at"]),
         "ss_training_finished_at": str(round(time.time(), 3)),
@@ -301,6 +317,32 @@ def training_metadata(config: TrainConfig, facts: dict[str, Any]) -> dict[str, s
     if network_args:
         metadata["ss_network_args"] = json.dumps(network_args)
     return metadata
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How often each comma-separated tag occurs in the captions, lower-cased, as sd-scripts counts
+    for ``ss_tag_frequency`` (a sentence caption is one tag)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def longest_caption_tokens(tokenizer, captions: list[str], mode: str) -> int:
+    """The caption tokens the longest caption is trained with: its 75-token pieces times 75, what
+    sd-scripts' ``max_token_length`` (75, 150, 225) caps."""
+    return TOKENS_PER_CHUNK * max((len(caption_pieces(tokenizer, caption, mode)) for caption in captions), default=1)
+
+
+def session_id(config: TrainConfig, base_sha256: str) -> int:
+    """sd-scripts' ``ss_session_id``: a 32-bit number shared by every LoRA one run saves. A run here
+    is a function of its settings, so the number is too: a resumed run keeps it."""
+    kept = {name: value for name, value in config.as_dict().items() if name not in CONTINUABLE_FIELDS}
+    digest = hashlib.sha256(f"{base_sha256}|{json.dumps(kept, sort_keys=True)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 # ------------------------------------------------------------------------------------- micro-batch
@@ -417,7 +459,8 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
     from accelerate import Accelerator, PartialState
 
     checked = checked or check_inputs(config)
-    architecture = checked.architecture
+    family = checked.family
+    architecture = family.architecture
     training_set = checked.training_set
     # Without a GPU the processes of a launch talk over gloo, which accelerate only sets up when told cpu=True.
     on_cpu = not accelerator_available()
@@ -443,14 +486,17 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
     weight_dtype = torch_dtype(precision)
     load_dtype = torch.float16 if weight_dtype == torch.float16 else torch.float32
     started_at = time.time()
-    resolution = config.resolution_for(architecture)
-    events.emit("start", architecture=architecture, images=len(training_set), resolution=resolution,
-                max_steps=config.max_train_steps, resume_step=run.step, mixed_precision=precision,
+    resolution = config.resolution_for(family)
+    events.emit("start", architecture=architecture, prediction_type=family.prediction_type,
+                images=len(training_set), resolution=resolution, max_steps=config.max_train_steps,
+                resume_step=run.step, mixed_precision=precision,
                 processes=accelerator.num_processes, device=str(device),
                 total_batch_size=(config.train_batch_size * config.gradient_accumulation_steps
                                   * accelerator.num_processes))
 
-    model = load_base_model(config, architecture, load_dtype)
+    model = load_base_model(config, architecture, load_dtype, family.prediction_type)
+    captions = [item.caption for item in training_set.items]
+    max_token_length = longest_caption_tokens(model.tokenizers[0], captions, config.caption_encoding)
     data = prepare_training_data(model, config, training_set.items, resolution, accelerator, events, weight_dtype)
 
     add_lora(model, config)
@@ -497,7 +543,11 @@ def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | Non
     facts = {"skill": config.skill or training_set.skill, "images": len(training_set), "resolution": resolution,
              "total_batch_size": plan.global_batch, "processes": accelerator.num_processes,
              "mixed_precision": precision, "prediction_type": model.prediction_type, "base_sha256": model.sha256,
-             "dataset": str(training_set.folder), "started_at": started_at, "steps": step}
+             "dataset": training_set.folder.name, "tag_frequency": tag_frequency(captions),
+             "max_token_length": max_token_length, "session_id": session_id(config, model.sha256),
+             # The loop walks the dataset as one stream of shuffled epochs: those it reaches into.
+             "epochs": math.ceil(config.max_train_steps * plan.global_batch / len(training_set)),
+             "started_at": started_at, "steps": step}
     saver = Saver(accelerator, run_dir, config, architecture, facts, events, unet, trained_encoders)
 
     unet.train()

@@ -22,7 +22,7 @@ from typing import Any
 
 from .caption_encoding import MODES, RENAMED_MODES
 from .files import atomic_write_text, check_name
-from .model_configs import NATIVE_RESOLUTION
+from .model_configs import PREDICTION_TYPES, ModelFamily
 from .settings import current_choice, setting
 
 if sys.version_info >= (3, 11):
@@ -37,6 +37,7 @@ OPTIMIZERS = ("AdamW", "AdamW8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CAPTION_ENCODINGS = MODES
 ARCHITECTURE_CHOICES = ("auto", "sd1", "sd2", "sdxl")
+PREDICTION_TYPE_CHOICES = ("auto", *PREDICTION_TYPES)
 SELMA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
 # Settings that do not change what the first N steps compute: a finished or interrupted run may be
@@ -56,8 +57,13 @@ class TrainConfig:
             "file of the same name (.txt).")
     output_name: str = setting("selma-expert", "Name of the LoRA file (without .safetensors); also its title in "
                                "the metadata.")
-    architecture: str = setting("auto", "Base model family: sd1 (epsilon), sd2 (v-prediction when its scheduler "
-                                "says so), sdxl; auto: detected from the checkpoint.", choices=ARCHITECTURE_CHOICES)
+    architecture: str = setting("auto", "Base model family: sd1, sd2, sdxl; auto: detected from the checkpoint.",
+                                choices=ARCHITECTURE_CHOICES)
+    prediction_type: str = setting(
+        "auto", "What the base model's UNet predicts, and so what the LoRA learns: epsilon (the noise) or "
+                "v_prediction (the velocity). auto: a diffusers folder's scheduler config says; a single file's "
+                "weights say, as ComfyUI reads them (SD 2.x 768-v and SDXL files with a v_pred key: v_prediction; "
+                "SD 1.x, the SD 2.x 512 base model, other SDXL: epsilon).", choices=PREDICTION_TYPE_CHOICES)
     model_config_dir: str = setting("", "For a single-file checkpoint whose shapes are not the standard SD 1.5 / "
                                     "SD 2.1 / SDXL ones: a diffusers folder with its configs; empty: the shipped "
                                     "config of its family.")
@@ -101,7 +107,8 @@ class TrainConfig:
     noise_offset: float = setting(0.0, "Offset noise scale (0.05-0.1 helps very dark/bright images); 0: off.")
     # Data.
     resolution: int = setting(0, "Training resolution in pixels (square); images are resized so the short side "
-                              "fits, then cropped. 0: the base model's own (SD1 512, SD2 768, SDXL 1024).")
+                              "fits, then cropped. 0: the base model's own (SD1 512, SD2 768-v 768, SD2 512 base 512, "
+                              "SDXL 1024).")
     random_crop: bool = setting(False, "Crop at a random place each step instead of the centre (latents are then "
                                 "encoded every step: no latent cache).")
     flip_aug: bool = setting(True, "Random horizontal flip (SELMA: on); both flips are cached.")
@@ -162,9 +169,10 @@ class TrainConfig:
         if self.resolution and self.resolution % 8:
             raise ValueError(f"resolution: {self.resolution!r} pixels; expected a multiple of 8 (the VAE works on "
                              "8x8 pixel blocks), e.g. 512, or 0 for the base model's own")
-        for name, choices in (("architecture", ARCHITECTURE_CHOICES), ("mixed_precision", MIXED_PRECISIONS),
-                              ("save_precision", SAVE_PRECISIONS), ("optimizer_type", OPTIMIZERS),
-                              ("lr_scheduler", LR_SCHEDULERS), ("caption_encoding", CAPTION_ENCODINGS)):
+        for name, choices in (("architecture", ARCHITECTURE_CHOICES), ("prediction_type", PREDICTION_TYPE_CHOICES),
+                              ("mixed_precision", MIXED_PRECISIONS), ("save_precision", SAVE_PRECISIONS),
+                              ("optimizer_type", OPTIMIZERS), ("lr_scheduler", LR_SCHEDULERS),
+                              ("caption_encoding", CAPTION_ENCODINGS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: {getattr(self, name)!r}; expected one of {', '.join(choices)}")
         if not self.target_modules():
@@ -189,8 +197,8 @@ class TrainConfig:
     def caches_text(self) -> bool:
         return self.cache_text_encoder_outputs and not self.train_text_encoder
 
-    def resolution_for(self, architecture: str) -> int:
-        return self.resolution or NATIVE_RESOLUTION[architecture]
+    def resolution_for(self, family: ModelFamily) -> int:
+        return self.resolution or family.native_resolution
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

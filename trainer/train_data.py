@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CACHE_VERSION = "selma-train-cache-1"
+CACHE_VERSION = "selma-train-cache-2"  # 2: the flipped latents carry their own (mirrored) crop
 _LISTED = 5
 
 
@@ -138,14 +138,17 @@ class PreparedImage:
 
     pixels: torch.Tensor  # [3, resolution, resolution] in [-1, 1]
     original_size: tuple[int, int]  # (height, width) before resizing
-    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image, flipped with it
 
 
 def prepare_image(path: Path, resolution: int, flip: bool = False,
                   crop_offset: Callable[[int, int], tuple[int, int]] | None = None) -> PreparedImage:
     """Resize so the short side is ``resolution`` (bicubic, antialiased), crop a square, maybe flip.
 
-    ``crop_offset(free_height, free_width)`` picks the crop's (top, left); default: the centre.
+    ``crop_offset(free_height, free_width)`` picks the crop's (top, left); default: the centre. The
+    crop's top-left (SDXL's crop conditioning) is where the pixels lie in the image as trained: for a
+    flipped image, in the flipped image, so its left is mirrored (as sd-scripts and diffusers' SDXL
+    script give it).
     """
     import numpy as np
     import torch
@@ -163,6 +166,7 @@ def prepare_image(path: Path, resolution: int, flip: bool = False,
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = free_width - left  # = resized width - left - resolution
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return PreparedImage(torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left))
 
@@ -219,22 +223,20 @@ class LatentCache:
         for start in range(0, len(missing), batch_size):
             batch = [items[index] for index in missing[start:start + batch_size]]
             tensors: list[dict[str, torch.Tensor]] = [{} for _ in batch]
-            prepared_first: list[PreparedImage] = []
+            metadata: list[dict[str, str]] = [{"source": item.image.name} for item in batch]
             for flip in flips:
                 prepared = [prepare_image(item.image, self.resolution, flip=flip) for item in batch]
-                if not flip:
-                    prepared_first = prepared
                 pixels = torch.stack([image.pixels for image in prepared]).to(vae.device, vae.dtype)
                 with torch.no_grad():
                     distribution = vae.encode(pixels).latent_dist
                 suffix = "_flipped" if flip else ""
-                for index in range(len(batch)):
+                for index, image in enumerate(prepared):
                     tensors[index]["mean" + suffix] = distribution.mean[index].float()
                     tensors[index]["std" + suffix] = distribution.std[index].float()
-            for item, item_tensors, image in zip(batch, tensors, prepared_first):
-                metadata = {"original_size": "{},{}".format(*image.original_size),
-                            "crop_top_left": "{},{}".format(*image.crop_top_left), "source": item.image.name}
-                _save_tensors(self.path(item), item_tensors, metadata)
+                    metadata[index]["original_size"] = "{},{}".format(*image.original_size)
+                    metadata[index]["crop_top_left" + suffix] = "{},{}".format(*image.crop_top_left)
+            for item, item_tensors, item_metadata in zip(batch, tensors, metadata):
+                _save_tensors(self.path(item), item_tensors, item_metadata)
             if report:
                 report(min(start + batch_size, len(missing)), len(missing))
         return len(missing), len(items) - len(missing)
@@ -249,7 +251,7 @@ class LatentCache:
             metadata = stored.metadata() or {}
             mean, std = stored.get_tensor("mean" + suffix), stored.get_tensor("std" + suffix)
         original_size = tuple(int(value) for value in metadata["original_size"].split(","))
-        crop = tuple(int(value) for value in metadata["crop_top_left"].split(","))
+        crop = tuple(int(value) for value in metadata["crop_top_left" + suffix].split(","))
         return mean, std, original_size, crop  # type: ignore[return-value]
 
 

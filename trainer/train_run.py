@@ -5,8 +5,9 @@ loss, lr, images/s …), ``checkpoints/checkpoint-<step>/`` (accelerate state, f
 file at every save point (``<name>-step<step>.safetensors``) and the final ``<name>.safetensors``.
 
 The ``selma train`` command, the trainer itself and the SELMA Train LoRA Expert node use these
-functions, so they agree on what "the same run", "finished" and "resume from" mean. Nothing here
-imports torch: the node checks a run's inputs and starts the trainer without loading a model.
+functions, so they agree on what "the same run", "finished" and "resume from" mean. Nothing here loads a
+model: the node checks a run's inputs (a single file's key names and the one tensor that tells its
+prediction type) and starts the trainer.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from .dataset import DatasetError
-from .model_configs import check_architecture
-from .model_loading import PICKLE_SUFFIXES, checkpoint_architecture
+from .model_configs import PREDICTION_TYPES, ModelFamily, check_architecture
+from .model_loading import PICKLE_SUFFIXES, checkpoint_family
 from .train_config import CONFIG_FILE, TrainConfig, differences, read_config, write_config
 from .train_data import TrainingSet, read_training_set
 
@@ -86,8 +87,10 @@ def run_state(run_dir: str | os.PathLike[str], config: TrainConfig) -> RunState:
     return RunState(step, step == config.max_train_steps and final.is_file(), final)
 
 
-def detect_base_architecture(config: TrainConfig) -> str:
-    """The family of the base model (``sd1``/``sd2``/``sdxl``), read from file names and configs only."""
+def detect_base_family(config: TrainConfig) -> ModelFamily:
+    """The family (``sd1``/``sd2``/``sdxl``) and prediction type of the base model, from file names,
+    configs and (single files) the one tensor ComfyUI reads; the ``architecture`` and
+    ``prediction_type`` settings override what is detected where detection can be wrong."""
     source = Path(config.pretrained_model_name_or_path)
     if source.is_dir():
         index_path = source / "model_index.json"
@@ -105,35 +108,54 @@ def detect_base_architecture(config: TrainConfig) -> str:
         else:
             raise RunError(f"pretrained_model_name_or_path {source}: a {pipeline_class} folder is not a supported "
                            "architecture; expected Stable Diffusion 1.x, 2.x or SDXL")
+        prediction_type = _scheduler_prediction_type(source)
     elif source.is_file():
         if source.suffix.lower() in PICKLE_SUFFIXES or source.suffix.lower() != ".safetensors":
             raise RunError(f"pretrained_model_name_or_path {source}: {source.suffix or 'no extension'} is not "
                            "loaded (pickled checkpoints can run code); expected a .safetensors checkpoint or a "
                            "diffusers folder")
         try:
-            detected = checkpoint_architecture(source)
+            family = checkpoint_family(source)
         except ValueError as error:
             raise RunError(f"pretrained_model_name_or_path: {error}; supported: Stable Diffusion 1.x, 2.x, SDXL") \
                 from None
         except Exception as error:  # safetensors raises its own error type for a damaged header
             raise RunError(f"pretrained_model_name_or_path {source}: not a readable .safetensors file ({error})") \
                 from None
+        detected, prediction_type = family.architecture, family.prediction_type
     else:
         raise RunError(f"pretrained_model_name_or_path {source}: no such file or folder; expected a .safetensors "
                        "checkpoint or a diffusers folder")
+    if config.prediction_type != "auto":
+        prediction_type = config.prediction_type
     requested = config.architecture
     if requested == "auto" or requested == detected:
-        return detected
+        return ModelFamily(detected, prediction_type)
     # A folder's sd1/sd2 is a guess from the text encoder's width; the user may say otherwise.
     if source.is_dir() and "sdxl" not in (requested, detected):
-        return check_architecture(requested)
+        return ModelFamily(check_architecture(requested), prediction_type)
     raise RunError(f"architecture: {requested!r}, but {source} is an {detected} model; use 'auto' or {detected!r}")
+
+
+def _scheduler_prediction_type(folder: Path) -> str:
+    """What a diffusers folder's scheduler config says its UNet predicts (diffusers' default: epsilon)."""
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler = json.loads(scheduler_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RunError(f"pretrained_model_name_or_path {folder}: {scheduler_path.name} cannot be read ({error}); "
+                       "expected the diffusers folder's scheduler config") from None
+    prediction_type = scheduler.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise RunError(f"{scheduler_path}: prediction_type {prediction_type!r}; expected one of "
+                       f"{', '.join(PREDICTION_TYPES)}")
+    return prediction_type
 
 
 @dataclass(frozen=True)
 class CheckedInputs:
     training_set: TrainingSet
-    architecture: str
+    family: ModelFamily
 
 
 def check_inputs(config: TrainConfig, verify_images: bool = True) -> CheckedInputs:
@@ -146,7 +168,7 @@ def check_inputs(config: TrainConfig, verify_images: bool = True) -> CheckedInpu
         training_set = read_training_set(config.train_data_dir, config.caption_extension, verify_images)
     except DatasetError as error:
         raise RunError(str(error)) from None
-    return CheckedInputs(training_set, detect_base_architecture(config))
+    return CheckedInputs(training_set, detect_base_family(config))
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:
