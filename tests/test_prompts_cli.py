@@ -137,12 +137,17 @@ def test_filter_with_a_lower_threshold_keeps_fewer(tmp_path):
     assert counts["0.8"] > counts["0.5"] >= 1
 
 
-def test_filter_names_the_file_and_line_of_a_malformed_line(tmp_path, capsys):
+@pytest.mark.parametrize("text, line", [
+    ('{"prompt": "a cat"}\n{"prompt": oops}\n{"prompt": "a dog"}\n', 2),
+    # A torn last line without its newline is reported like any other, never silently dropped.
+    ('{"prompt": "a cat"}\n{"prompt": "a dog"}\n{"prompt": "a bird", "sk', 3),
+])
+def test_filter_names_the_file_and_line_of_a_malformed_line(tmp_path, capsys, text, line):
     source = tmp_path / "in.jsonl"
-    source.write_text('{"prompt": "a cat"}\n{"prompt": oops}\n{"prompt": "a dog"}\n')
+    source.write_text(text)
     output = tmp_path / "out.jsonl"
     assert cli.main(["prompts", "filter", str(source), "--out", str(output)]) == 1
-    assert f"{source}:2: not valid JSON" in capsys.readouterr().err
+    assert f"{source}:{line}: not valid JSON" in capsys.readouterr().err
     assert not output.exists()
 
 

@@ -114,15 +114,6 @@ def test_filter_refuses_to_write_over_its_input(tmp_path, capsys, monkeypatch, s
     assert source.read_bytes() == before
 
 
-def test_filter_reports_a_malformed_last_line_without_a_newline(tmp_path, capsys):
-    source = tmp_path / "in.jsonl"
-    source.write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n{"prompt": "a bird", "sk')
-    output = tmp_path / "out.jsonl"
-    assert cli.main(["prompts", "filter", str(source), "--out", str(output)]) == 1
-    assert f"{source}:3: not valid JSON" in capsys.readouterr().err
-    assert not output.exists()
-
-
 # --- settings that cannot work are refused before anything runs ------------------------------------------
 
 
