@@ -44,6 +44,7 @@ from .lora_architectures import (
     parse_module_path,
 )
 from .model_loading import PICKLE_SUFFIXES
+from .terminal import printable
 
 if TYPE_CHECKING:
     import torch
@@ -474,25 +475,29 @@ def _key_count(path: str | os.PathLike[str]) -> int:
 
 
 def _info(arguments: argparse.Namespace) -> int:
+    """Print a description of the file; every text from the file goes through :func:`.terminal.printable`
+    (the file may come from anyone), and ``--json`` is ASCII, so it shows no control character either."""
     lora = read_lora(arguments.file, architecture=arguments.architecture or None)
     description = describe_lora(lora, key_count=_key_count(arguments.file))
     if arguments.json:
-        print(json.dumps(description, indent=2, ensure_ascii=False))
+        print(json.dumps(description, indent=2, ensure_ascii=True))
         return 0
     components = ", ".join(f"{name} {count}" for name, count in sorted(description["modules_by_component"].items()))
-    print(f"file:         {description['file']}")
-    print(f"architecture: {description['architecture']} ({description['architecture_title']})")
-    print(f"layout:       {description['layout']}")
-    print(f"modules:      {description['modules']} ({components})")
-    print(f"keys:         {description['keys']}")
-    print(f"rank:         {description['rank']}")
-    print(f"alpha:        {description['alpha']}")
-    print(f"dtype:        {description['dtype']}")
-    print(f"metadata:     {len(description['metadata'])} keys")
+    lines = [f"file:         {description['file']}",
+             f"architecture: {description['architecture']} ({description['architecture_title']})",
+             f"layout:       {description['layout']}",
+             f"modules:      {description['modules']} ({components})",
+             f"keys:         {description['keys']}",
+             f"rank:         {description['rank']}",
+             f"alpha:        {description['alpha']}",
+             f"dtype:        {description['dtype']}",
+             f"metadata:     {len(description['metadata'])} keys"]
     for key, value in description["metadata"].items():
         if not arguments.full and len(value) > METADATA_VALUE_SHOWN:
             value = value[:METADATA_VALUE_SHOWN] + f"... ({len(value)} characters; --full shows all)"
-        print(f"  {key}: {value}")
+        lines.append(f"  {key}: {value}")
+    for line in lines:
+        print(printable(line))
     return 0
 
 
@@ -516,5 +521,5 @@ def _run_cli(arguments: argparse.Namespace) -> int:
     try:
         return _info(arguments)
     except (LoraFileError, FileNotFoundError) as error:
-        print(f"selma lora info: {error}", file=sys.stderr)
+        print(printable(f"selma lora info: {error}"), file=sys.stderr)
         return 2
