@@ -131,6 +131,21 @@ def test_cli_merges_and_lora_info_describes_the_result(experts, tmp_path, capsys
     assert described["metadata"]["selma.merge.method"] == "svd"
 
 
+@pytest.mark.parametrize("flags", [["--method", "linear"], ["--method", "ties", "--rank", "3"],
+                                   ["--method", "dare", "--seed", "3"]])
+def test_the_same_merge_twice_gives_the_same_bytes(experts, tmp_path, flags, capsys):
+    written = []
+    for run in ("first", "second"):
+        output = tmp_path / run / "merged.safetensors"
+        assert main(["merge", *map(str, experts), *flags, "--out", str(output)]) == 0
+        written.append(output.read_bytes())
+    assert written[0] == written[1]
+    if "dare" in flags:  # the seed is what reproduces the drop masks: another seed, another file
+        other = tmp_path / "other" / "merged.safetensors"
+        assert main(["merge", *map(str, experts), "--method", "dare", "--seed", "4", "--out", str(other)]) == 0
+        assert other.read_bytes() != written[0]
+
+
 def test_cli_error_exits_nonzero_and_writes_nothing(experts, tmp_path, capsys):
     output = tmp_path / "merged.safetensors"
     assert main(["merge", *map(str, experts), "--weights", "1,2", "--out", str(output)]) == 2

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import atomic_path
+from .files import atomic_open
 from .lora_architectures import (
     TEXT_ENCODER_1,
     TEXT_ENCODER_2,
@@ -362,16 +362,38 @@ def kohya_state_dict(lora: Lora, dtype: torch.dtype | None = None) -> dict[str, 
 
 def write_lora(lora: Lora, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
     """Write ``lora`` to ``path`` in kohya layout with ``lora.metadata`` (every value a string) and the
-    file's own ``sshs_*`` hashes (:func:`safetensors_hashes`, replacing any it was read with), atomically."""
-    from safetensors.torch import save_file
+    file's own ``sshs_*`` hashes (:func:`safetensors_hashes`, replacing any it was read with), atomically.
 
+    The bytes depend on the content only: the same LoRA and metadata give the same file (see
+    :func:`_serialized`)."""
     target = Path(path)
     metadata = {str(key): str(value) for key, value in lora.metadata.items()}
     tensors = kohya_state_dict(lora, dtype)
     metadata[MODEL_HASH_KEY], metadata[LEGACY_HASH_KEY] = safetensors_hashes(tensors, metadata)
-    with atomic_path(target) as temporary:
-        save_file(tensors, os.fspath(temporary), metadata=metadata)
+    header, data = _serialized(tensors, metadata)
+    with atomic_open(target, "wb") as stream:
+        stream.write(header)
+        stream.write(data)
     return target
+
+
+def _serialized(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, memoryview]:
+    """The file as (length + header, tensor data), the metadata in sorted key order.
+
+    safetensors keeps metadata in a Rust ``HashMap`` and writes it in an order that changes from one
+    call to the next, so two identical merges would differ in their header. The header is JSON padded
+    with spaces to a multiple of 8 bytes; it is written again with the same tensor entries and the
+    metadata sorted, and the tensor data is kept as the library wrote it.
+    """
+    from safetensors.torch import save
+
+    serialized = save(dict(tensors), dict(metadata))
+    length = int.from_bytes(serialized[:8], "little")
+    header = json.loads(serialized[8:8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, memoryview(serialized)[8 + length:]
 
 
 def format_number(value: float) -> str:
