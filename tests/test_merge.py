@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,6 +148,33 @@ def test_the_same_merge_twice_gives_the_same_bytes(experts, tmp_path, flags, cap
         other = tmp_path / "other" / "merged.safetensors"
         assert main(["merge", *map(str, experts), "--method", "dare", "--seed", "4", "--out", str(other)]) == 0
         assert other.read_bytes() != written[0]
+
+
+KILLED_ONCE_WRITTEN = """
+import os, signal, sys
+os.fsync = lambda descriptor: os.kill(os.getpid(), signal.SIGKILL)  # the whole file is written, not yet renamed
+from comfyui_selma.trainer.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_killed_merge_leaves_a_temporary_that_the_next_merge_removes(experts, tmp_path):
+    output = tmp_path / "out" / "merged.safetensors"
+    command = ["merge", *map(str, experts), "--out", str(output)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_ONCE_WRITTEN, *command])
+    assert killed.returncode == -signal.SIGKILL
+    left = [path for path in output.parent.iterdir() if path.name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].stat().st_size > 10_000, "a temporary as large as the merged LoRA"
+    assert main(command) == 0
+    assert [path.name for path in output.parent.iterdir()] == ["merged.safetensors"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask 022", "umask 077"])
+def test_a_merged_lora_gets_the_mode_the_users_umask_gives(experts, tmp_path, umask, mode):
+    output = tmp_path / "merged.safetensors"
+    subprocess.run([str(Path(sys.executable).parent / "selma"), "merge", *map(str, experts), "--out", str(output)],
+                   umask=umask, check=True, capture_output=True)
+    assert stat.S_IMODE(output.stat().st_mode) == mode
 
 
 def test_cli_error_exits_nonzero_and_writes_nothing(experts, tmp_path, capsys):
