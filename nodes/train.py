@@ -165,7 +165,7 @@ class SelmaTrainLoraExpert:
             prediction_type=prediction_type))
         run_dir = selma_output_path("train", name)
         lora_target = self._lora_target(name)
-        check_inputs(config)  # dataset, base model family, settings: refused here, before anything starts
+        check_inputs(config, run_dir=run_dir)  # folder, dataset, model family, settings: before anything starts
         self._check_target_is_ours(lora_target, run_state(run_dir, config).final_lora)
         config_path = prepare_run_folder(config, run_dir)
         state = run_state(run_dir, config)

@@ -15,6 +15,7 @@ import torch
 from lora_factories import attention_modules, random_lora, text_encoder_modules, write_expert, one_torch_thread  # noqa: F401 (fixture)
 from safetensors import safe_open
 from safetensors.torch import save_file
+from unwritable import read_only_folder  # noqa: F401 (fixture)
 
 from comfyui_selma.trainer.cli import main
 from comfyui_selma.trainer.lora_file import kohya_state_dict, read_lora
@@ -175,6 +176,32 @@ def test_a_merged_lora_gets_the_mode_the_users_umask_gives(experts, tmp_path, um
     subprocess.run([str(Path(sys.executable).parent / "selma"), "merge", *map(str, experts), "--out", str(output)],
                    umask=umask, check=True, capture_output=True)
     assert stat.S_IMODE(output.stat().st_mode) == mode
+
+
+UNWRITABLE_OUTPUTS = {
+    "a folder": (lambda tmp_path, read_only: tmp_path / "loras",
+                 r"output: .*/loras is a folder; expected the path of a file to write"),
+    "in a read-only folder": (lambda tmp_path, read_only: read_only / "merged.safetensors",
+                              r"output: cannot write in .*/read-only \(.*\); expected a folder you can write to"),
+    "under a file": (lambda tmp_path, read_only: tmp_path / "counting.safetensors" / "merged.safetensors",
+                     r"output: .*/counting.safetensors is a file, so .*/merged.safetensors cannot be written in it"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE_OUTPUTS))
+def test_an_output_that_cannot_be_written_is_refused_before_any_expert_is_read(case, experts, tmp_path, capsys,
+                                                                               read_only_folder):
+    output_of, message = UNWRITABLE_OUTPUTS[case]
+    (tmp_path / "loras").mkdir()
+    output = output_of(tmp_path, read_only_folder)
+    not_a_lora = tmp_path / "notes.safetensors"
+    not_a_lora.write_text("an expert that would be refused when read")
+    code = main(["merge", *map(str, experts), str(not_a_lora), "--out", str(output)])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert re.search(message, error), error
+    assert "notes.safetensors" not in error, "the output is checked before any expert is read"
+    assert not output.is_file()
 
 
 def test_cli_error_exits_nonzero_and_writes_nothing(experts, tmp_path, capsys):

@@ -103,6 +103,50 @@ def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def check_output_file(path: str | os.PathLike[str], field: str) -> Path:
+    """Return ``path`` if a file can be written there; else raise a ``ValueError`` naming ``field`` and the path.
+
+    Refused before any work: a folder, a path under a file, a folder this process may not write in
+    (read-only disk, no permission). Missing folders are fine: the write creates them.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{field}: {target} is a folder; expected the path of a file to write")
+    _check_writable_parent(target, field)
+    return target
+
+
+def check_output_folder(path: str | os.PathLike[str], field: str) -> Path:
+    """Return ``path`` if it is, or can be made, a folder this process may write in; else raise naming ``field``."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{field}: {folder} is a file; expected a folder (it is created if missing)")
+    if folder.is_dir():
+        _check_writable(folder, field)
+    else:
+        _check_writable_parent(folder, field)
+    return folder
+
+
+def _check_writable_parent(path: Path, field: str) -> None:
+    """The nearest folder above ``path`` that exists must be a folder this process may write in."""
+    existing = path.absolute().parent
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{field}: {existing} is a file, so {path} cannot be written in it; expected a path in a "
+                         "folder")
+    _check_writable(existing, field)
+
+
+def _check_writable(folder: Path, field: str) -> None:
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    read_only = hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    reason = "a read-only file system" if read_only else "no write permission"
+    raise ValueError(f"{field}: cannot write in {folder} ({reason}); expected a folder you can write to")
+
+
 def check_name(name: str, field: str) -> str:
     """Return ``name`` if it is a plain file or folder name; raise naming ``field`` otherwise.
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .files import check_output_file
 from .lora_file import Lora, LoraFileError, format_number, lora_metadata, read_lora, write_lora
 from .merge_methods import DENSITY_METHODS, METHODS, RANKED_METHODS, SEEDED_METHODS, MergeOptions, module_seed
 from .settings import add_config_arguments, config_from_arguments, setting
@@ -232,6 +233,7 @@ def merge_files(
     target = Path(output)
     weights = parse_weights(config.weights, len(sources))
     check_config(config, weights)
+    check_output_file(target, "output")
     if target.suffix.lower() != ".safetensors":
         raise ValueError(f"output: {target} must end in .safetensors (the merged LoRA is written in kohya layout)")
     for source in sources:
@@ -265,7 +267,7 @@ def _run_cli(arguments: argparse.Namespace) -> int:
     config = config_from_arguments(MergeConfig, arguments)
     try:
         result = merge_files(arguments.experts, arguments.out, config)
-    except (LoraFileError, ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: a file that cannot be read, a full disk, a lock held
         print(f"selma merge: {error}", file=sys.stderr)
         print("selma merge: nothing was written", file=sys.stderr)
         return 2

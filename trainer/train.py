@@ -755,7 +755,7 @@ def run_training(config: TrainConfig, run_dir: str | os.PathLike[str],
                  echo: Callable[[str], None] | None = None) -> Path:
     """Check everything, write ``config.toml`` into ``run_dir`` (or continue the run there) and train."""
     config = absolute_paths(config)
-    checked = check_inputs(config)
+    checked = check_inputs(config, run_dir=run_dir)
     prepare_run_folder(config, run_dir)
     return train(config, run_dir, echo=echo, checked=checked)
 
