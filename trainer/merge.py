@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .files import check_output_file
-from .lora_file import Lora, LoraFileError, format_number, lora_metadata, read_lora, write_lora
+from .lora_file import Lora, format_number, lora_metadata, read_lora, write_lora
 from .merge_methods import DENSITY_METHODS, METHODS, RANKED_METHODS, SEEDED_METHODS, MergeOptions, module_seed
 from .settings import add_config_arguments, config_from_arguments, setting
 
