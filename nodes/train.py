@@ -37,6 +37,7 @@ from ..trainer.train_run import (
     check_inputs,
     launch_command,
     prepare_run_folder,
+    run_folder_lock,
     run_state,
 )
 from .comfy_runtime import NodeProgress, check_interrupted, selma_output_path, send_event
@@ -167,7 +168,8 @@ class SelmaTrainLoraExpert:
         lora_target = self._lora_target(name)
         check_inputs(config, run_dir=run_dir)  # folder, dataset, model family, settings: before anything starts
         self._check_target_is_ours(lora_target, run_state(run_dir, config).final_lora)
-        config_path = prepare_run_folder(config, run_dir)
+        with run_folder_lock(run_dir):  # another trainer of this run is refused here; the trainer then takes it
+            config_path = prepare_run_folder(config, run_dir)
         state = run_state(run_dir, config)
         if not state.finished:
             self._run_trainer(config, config_path, run_dir, gpus, unique_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import stat
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from unwritable import read_only_folder  # noqa: F401 (fixture)
 
 from comfyui_selma.trainer.cli import main
+from comfyui_selma.trainer.locks import LockHeldError, exclusive_lock
 from comfyui_selma.trainer.lora_file import kohya_state_dict, read_lora
 from comfyui_selma.trainer.merge import MergeConfig, merge_files
 
@@ -153,7 +155,7 @@ def test_the_same_merge_twice_gives_the_same_bytes(experts, tmp_path, flags, cap
 
 KILLED_ONCE_WRITTEN = """
 import os, signal, sys
-os.fsync = lambda descriptor: os.kill(os.getpid(), signal.SIGKILL)  # the whole file is written, not yet renamed
+os.replace = lambda source, target: os.kill(os.getpid(), signal.SIGKILL)  # the whole file written, not renamed
 from comfyui_selma.trainer.cli import main
 main(sys.argv[1:])
 """
@@ -204,6 +206,19 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_expert_is_read(c
     assert not output.is_file()
 
 
+def test_a_merge_into_an_output_another_writer_holds_is_refused_naming_it_and_runs_once_it_is_free(experts, tmp_path,
+                                                                                                    capsys):
+    output = tmp_path / "merged.safetensors"
+    command = ["merge", *map(str, experts), "--out", str(output)]
+    with exclusive_lock(output):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert f"merged.safetensors: in use by process {os.getpid()}" in error and "Traceback" not in error
+        assert not output.exists()
+    assert main(command) == 0
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("merged")) == ["merged.safetensors"]
+
+
 def test_cli_error_exits_nonzero_and_writes_nothing(experts, tmp_path, capsys):
     output = tmp_path / "merged.safetensors"
     assert main(["merge", *map(str, experts), "--weights", "1,2", "--out", str(output)]) == 2
@@ -237,6 +252,14 @@ def test_node_saves_the_merge_into_models_loras(comfy, experts):
         "node": "7", "method": "linear", "sources": [expert.name for expert in experts[:3]],
         "weights": [pytest.approx(1 / 3)] * 3, "rank": max(merged.ranks), "output": "multi-skill.safetensors",
         "missing_modules": 1})
+
+
+def test_node_refuses_an_output_another_writer_holds(comfy, experts):
+    target = comfy.models_dir("loras") / "multi-skill.safetensors"
+    with exclusive_lock(target), pytest.raises(LockHeldError, match=f"in use by process {os.getpid()}"):
+        _node().merge(method="linear", weights="", rank=0, output_name="multi-skill", expert_1=str(experts[0]),
+                      expert_2=str(experts[1]))
+    assert not target.exists()
 
 
 def test_node_cancel_writes_nothing(comfy, experts):
