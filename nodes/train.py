@@ -22,6 +22,7 @@ from typing import Any
 
 from ..trainer.dataset import resolve_dataset_folder
 from ..trainer.files import atomic_path, check_name
+from ..trainer.locks import exclusive_lock
 from ..trainer.settings import current_choice, default_of, help_of, renamed_choices
 from ..trainer.train_config import (
     CAPTION_ENCODINGS,
@@ -211,7 +212,7 @@ class SelmaTrainLoraExpert:
     def _publish(final: Path, target: Path) -> None:
         if target.is_file() and target.stat().st_size == final.stat().st_size and _sha256(target) == _sha256(final):
             return
-        with atomic_path(target) as temporary:
+        with exclusive_lock(target), atomic_path(target) as temporary:  # a merge into it is refused meanwhile
             shutil.copyfile(final, temporary)
 
     @staticmethod
