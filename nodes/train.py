@@ -22,6 +22,7 @@ from typing import Any
 
 from ..trainer.dataset import resolve_dataset_folder
 from ..trainer.files import atomic_path, check_name
+from ..trainer.locks import exclusive_lock
 from ..trainer.settings import current_choice, default_of, help_of, renamed_choices
 from ..trainer.train_config import (
     CAPTION_ENCODINGS,
@@ -37,6 +38,7 @@ from ..trainer.train_run import (
     check_inputs,
     launch_command,
     prepare_run_folder,
+    run_folder_lock,
     run_state,
 )
 from .comfy_runtime import NodeProgress, check_interrupted, selma_output_path, send_event
@@ -165,9 +167,10 @@ class SelmaTrainLoraExpert:
             prediction_type=prediction_type))
         run_dir = selma_output_path("train", name)
         lora_target = self._lora_target(name)
-        check_inputs(config)  # dataset, base model family, settings: refused here, before anything starts
+        check_inputs(config, run_dir=run_dir)  # folder, dataset, model family, settings: before anything starts
         self._check_target_is_ours(lora_target, run_state(run_dir, config).final_lora)
-        config_path = prepare_run_folder(config, run_dir)
+        with run_folder_lock(run_dir):  # another trainer of this run is refused here; the trainer then takes it
+            config_path = prepare_run_folder(config, run_dir)
         state = run_state(run_dir, config)
         if not state.finished:
             self._run_trainer(config, config_path, run_dir, gpus, unique_id)
@@ -209,7 +212,7 @@ class SelmaTrainLoraExpert:
     def _publish(final: Path, target: Path) -> None:
         if target.is_file() and target.stat().st_size == final.stat().st_size and _sha256(target) == _sha256(final):
             return
-        with atomic_path(target) as temporary:
+        with exclusive_lock(target), atomic_path(target) as temporary:  # a merge into it is refused meanwhile
             shutil.copyfile(final, temporary)
 
     @staticmethod

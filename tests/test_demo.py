@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from safetensors import safe_open
+from unwritable import read_only_folder  # noqa: F401 (fixture)
+
+from comfyui_selma.trainer import cli
 
 SKILLS = ("counting", "everyday_objects")
 PROMPTS_PER_SKILL = 4
@@ -51,3 +55,41 @@ def test_demo_runs_every_stage_under_out_ends_with_the_merged_lora_and_resumes(t
     again = _demo(out_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _stage_files(out_dir) == before
+
+
+BAD_SETTINGS = {
+    "no skills": (["--skills", ","], "skills: empty; expected comma-separated skill presets"),
+    "an unknown skill": (["--skills", "counting,juggling"], "skills: unknown skill 'juggling'; expected presets"),
+    "the custom skill": (["--skills", "custom"], "skills: unknown skill 'custom'"),
+    "a skill twice": (["--skills", "counting,counting"], "skills: 'counting' is listed twice"),
+    "fewer prompts than seed prompts": (["--prompts-per-skill", "2"],
+                                        "prompts_per_skill: 2; expected at least 3 (the seed prompts"),
+    "a resolution no VAE takes": (["--resolution", "60"], "resolution: 60; expected a positive multiple of 8"),
+    "no resolution": (["--resolution", "0"], "resolution: 0; expected a positive multiple of 8"),
+    "no sampling steps": (["--sampling-steps", "0"], "sampling_steps: 0; expected a whole number >= 1"),
+    "no training steps": (["--training-steps", "0"], "training_steps: 0; expected a whole number >= 1"),
+    "rank 0": (["--rank", "0"], "rank: 0; expected a whole number >= 1"),
+    "a negative seed": (["--seed", "-1"], "seed: -1; expected a whole number from 0 to 2**63 - 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_a_bad_setting_is_refused_before_the_demo_makes_any_folder_or_model(case, tmp_path, capsys):
+    flags, message = BAD_SETTINGS[case]
+    out_dir = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out_dir), *flags]) == 2
+    error = capsys.readouterr().err
+    assert f"selma demo: {message}" in error and "Traceback" not in error
+    assert not out_dir.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_anything_is_made(tmp_path, capsys, read_only_folder):
+    (tmp_path / "notes.txt").write_text("someone's notes")
+    for out, message in ((tmp_path / "notes.txt", "out: " + str(tmp_path / "notes.txt") + " is a file; expected a "
+                                                  "folder"),
+                         (read_only_folder / "demo", f"out: cannot write in {read_only_folder} (")):
+        assert cli.main(["demo", "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error
+    assert (tmp_path / "notes.txt").read_text() == "someone's notes"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "read-only"]

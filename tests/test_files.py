@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -63,3 +66,56 @@ def test_atomic_path_gives_a_writer_a_file_name_and_renames_it_on_success(tmp_pa
         with atomic_path(target) as temporary:
             raise OSError("disk full")
     assert target.read_bytes() == b"weights" and [path.name for path in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
+# --- what a killed writer leaves ---------------------------------------------------------------------------------
+
+DIES_WRITING = """
+import os, signal, sys
+from comfyui_selma.trainer.files import atomic_path
+with atomic_path(sys.argv[1]) as temporary:
+    temporary.write_bytes(b"half of a large file" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+WRITES_WHEN_TOLD = """
+import sys
+from comfyui_selma.trainer.files import atomic_open
+with atomic_open(sys.argv[1]) as stream:
+    stream.write("from the slow writer")
+    print("writing", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _hidden(folder):
+    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
+
+
+def test_a_killed_writers_temporary_is_removed_when_the_file_is_written_next(tmp_path):
+    target = tmp_path / "merged.safetensors"
+    killed = subprocess.Popen([sys.executable, "-c", DIES_WRITING, str(target)])
+    assert killed.wait() == -signal.SIGKILL
+    left = _hidden(tmp_path)
+    assert len(left) == 1 and left[0].startswith(f".merged.safetensors.{killed.pid}."), "the writer's pid names it"
+    assert (tmp_path / left[0]).stat().st_size == len(b"half of a large file" * 1000)
+    atomic_write_text(target, "the next run")
+    assert [path.name for path in tmp_path.iterdir()] == ["merged.safetensors"]
+
+
+def test_a_live_writers_temporary_and_other_files_temporaries_are_left_alone(tmp_path):
+    target = tmp_path / "prompts.jsonl"
+    other = tmp_path / "other.jsonl"
+    subprocess.run([sys.executable, "-c", DIES_WRITING, str(other)])
+    other_left = _hidden(tmp_path)
+    slow = subprocess.Popen([sys.executable, "-c", WRITES_WHEN_TOLD, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert slow.stdout.readline() == "writing\n"
+        live = [name for name in _hidden(tmp_path) if name not in other_left]
+        assert len(live) == 1 and live[0].startswith(f".prompts.jsonl.{slow.pid}.")
+        atomic_write_text(target, "from the fast writer")
+        assert sorted(_hidden(tmp_path)) == sorted(other_left + live)
+    finally:
+        slow.communicate("\n")
+    assert slow.returncode == 0 and target.read_text() == "from the slow writer"
+    assert _hidden(tmp_path) == other_left

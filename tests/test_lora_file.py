@@ -246,3 +246,41 @@ def test_write_then_read_keeps_modules_alphas_and_dtype(tmp_path):
     for name, module in expert.modules.items():
         assert read.modules[name].down.dtype == torch.float16 and read.modules[name].alpha == 1.5
         torch.testing.assert_close(read.modules[name].delta_weight(), module.delta_weight(), rtol=2e-3, atol=1e-5)
+
+
+# --- `selma lora info` on a file made by someone else ----------------------------------------------------------
+
+# What a shared LoRA's metadata can hold to act on a terminal: an OSC title change, a screen clear, an 8-bit CSI,
+# DEL, a line break that fakes another key, and a right-to-left override that reverses what follows on screen.
+HOSTILE_TEXT = "ok\x1b]0;owned\x07 \x1b[2J\x9b31m\x7f\nss_network_dim: 1\u202egpj.exe"
+TERMINAL_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def test_lora_info_escapes_control_characters_of_a_shared_file_in_text_and_json(tmp_path, capsys):
+    from comfyui_selma.trainer.cli import main
+
+    lora = random_lora("sd1", attention_modules("sd1", 2), rank=2, seed=0)
+    path = tmp_path / "shared.safetensors"
+    save_file(kohya_state_dict(lora), str(path),
+              metadata={**lora.metadata, "modelspec.title": HOSTILE_TEXT, "note\x1b[8m": "hidden key"})
+    for flags in ([], ["--full"]):
+        assert main(["lora", "info", *flags, str(path)]) == 0
+        printed = capsys.readouterr().out
+        assert not TERMINAL_CONTROLS.search(printed), f"raw control characters printed with {flags}"
+        assert "\\x1b]0;owned\\x07" in printed and "\\x9b31m" in printed and "\\u202egpj.exe" in printed
+        assert "\n  ss_network_dim: 1" not in printed, "a line break in a value must not start a new line"
+        assert "  note\\x1b[8m: hidden key" in printed
+    assert main(["lora", "info", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert not TERMINAL_CONTROLS.search(printed)
+    assert json.loads(printed)["metadata"]["modelspec.title"] == HOSTILE_TEXT, "JSON keeps the exact value"
+
+
+def test_lora_info_errors_escape_control_characters_of_the_file_name(tmp_path, capsys):
+    from comfyui_selma.trainer.cli import main
+
+    path = tmp_path / "name\x1b[2J\u202e.safetensors"
+    path.write_bytes(b"not a safetensors file at all")
+    assert main(["lora", "info", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert not TERMINAL_CONTROLS.search(error) and "name\\x1b[2J\\u202e.safetensors" in error

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +16,10 @@ import torch
 from lora_factories import attention_modules, random_lora, text_encoder_modules, write_expert, one_torch_thread  # noqa: F401 (fixture)
 from safetensors import safe_open
 from safetensors.torch import save_file
+from unwritable import read_only_folder  # noqa: F401 (fixture)
 
 from comfyui_selma.trainer.cli import main
+from comfyui_selma.trainer.locks import LockHeldError, exclusive_lock
 from comfyui_selma.trainer.lora_file import kohya_state_dict, read_lora
 from comfyui_selma.trainer.merge import MergeConfig, merge_files
 
@@ -131,6 +138,87 @@ def test_cli_merges_and_lora_info_describes_the_result(experts, tmp_path, capsys
     assert described["metadata"]["selma.merge.method"] == "svd"
 
 
+@pytest.mark.parametrize("flags", [["--method", "linear"], ["--method", "ties", "--rank", "3"],
+                                   ["--method", "dare", "--seed", "3"]])
+def test_the_same_merge_twice_gives_the_same_bytes(experts, tmp_path, flags, capsys):
+    written = []
+    for run in ("first", "second"):
+        output = tmp_path / run / "merged.safetensors"
+        assert main(["merge", *map(str, experts), *flags, "--out", str(output)]) == 0
+        written.append(output.read_bytes())
+    assert written[0] == written[1]
+    if "dare" in flags:  # the seed is what reproduces the drop masks: another seed, another file
+        other = tmp_path / "other" / "merged.safetensors"
+        assert main(["merge", *map(str, experts), "--method", "dare", "--seed", "4", "--out", str(other)]) == 0
+        assert other.read_bytes() != written[0]
+
+
+KILLED_ONCE_WRITTEN = """
+import os, signal, sys
+os.replace = lambda source, target: os.kill(os.getpid(), signal.SIGKILL)  # the whole file written, not renamed
+from comfyui_selma.trainer.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_killed_merge_leaves_a_temporary_that_the_next_merge_removes(experts, tmp_path):
+    output = tmp_path / "out" / "merged.safetensors"
+    command = ["merge", *map(str, experts), "--out", str(output)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_ONCE_WRITTEN, *command])
+    assert killed.returncode == -signal.SIGKILL
+    left = [path for path in output.parent.iterdir() if path.name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].stat().st_size > 10_000, "a temporary as large as the merged LoRA"
+    assert main(command) == 0
+    assert [path.name for path in output.parent.iterdir()] == ["merged.safetensors"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask 022", "umask 077"])
+def test_a_merged_lora_gets_the_mode_the_users_umask_gives(experts, tmp_path, umask, mode):
+    output = tmp_path / "merged.safetensors"
+    subprocess.run([str(Path(sys.executable).parent / "selma"), "merge", *map(str, experts), "--out", str(output)],
+                   umask=umask, check=True, capture_output=True)
+    assert stat.S_IMODE(output.stat().st_mode) == mode
+
+
+UNWRITABLE_OUTPUTS = {
+    "a folder": (lambda tmp_path, read_only: tmp_path / "loras",
+                 r"output: .*/loras is a folder; expected the path of a file to write"),
+    "in a read-only folder": (lambda tmp_path, read_only: read_only / "merged.safetensors",
+                              r"output: cannot write in .*/read-only \(.*\); expected a folder you can write to"),
+    "under a file": (lambda tmp_path, read_only: tmp_path / "counting.safetensors" / "merged.safetensors",
+                     r"output: .*/counting.safetensors is a file, so .*/merged.safetensors cannot be written in it"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE_OUTPUTS))
+def test_an_output_that_cannot_be_written_is_refused_before_any_expert_is_read(case, experts, tmp_path, capsys,
+                                                                               read_only_folder):
+    output_of, message = UNWRITABLE_OUTPUTS[case]
+    (tmp_path / "loras").mkdir()
+    output = output_of(tmp_path, read_only_folder)
+    not_a_lora = tmp_path / "notes.safetensors"
+    not_a_lora.write_text("an expert that would be refused when read")
+    code = main(["merge", *map(str, experts), str(not_a_lora), "--out", str(output)])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert re.search(message, error), error
+    assert "notes.safetensors" not in error, "the output is checked before any expert is read"
+    assert not output.is_file()
+
+
+def test_a_merge_into_an_output_another_writer_holds_is_refused_naming_it_and_runs_once_it_is_free(experts, tmp_path,
+                                                                                                    capsys):
+    output = tmp_path / "merged.safetensors"
+    command = ["merge", *map(str, experts), "--out", str(output)]
+    with exclusive_lock(output):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert f"merged.safetensors: in use by process {os.getpid()}" in error and "Traceback" not in error
+        assert not output.exists()
+    assert main(command) == 0
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("merged")) == ["merged.safetensors"]
+
+
 def test_cli_error_exits_nonzero_and_writes_nothing(experts, tmp_path, capsys):
     output = tmp_path / "merged.safetensors"
     assert main(["merge", *map(str, experts), "--weights", "1,2", "--out", str(output)]) == 2
@@ -164,6 +252,14 @@ def test_node_saves_the_merge_into_models_loras(comfy, experts):
         "node": "7", "method": "linear", "sources": [expert.name for expert in experts[:3]],
         "weights": [pytest.approx(1 / 3)] * 3, "rank": max(merged.ranks), "output": "multi-skill.safetensors",
         "missing_modules": 1})
+
+
+def test_node_refuses_an_output_another_writer_holds(comfy, experts):
+    target = comfy.models_dir("loras") / "multi-skill.safetensors"
+    with exclusive_lock(target), pytest.raises(LockHeldError, match=f"in use by process {os.getpid()}"):
+        _node().merge(method="linear", weights="", rank=0, output_name="multi-skill", expert_1=str(experts[0]),
+                      expert_2=str(experts[1]))
+    assert not target.exists()
 
 
 def test_node_cancel_writes_nothing(comfy, experts):

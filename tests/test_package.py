@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import subprocess
 import sys
@@ -111,6 +112,26 @@ def test_every_subcommand_answers_help(subcommand, capsys):
         cli.main([subcommand, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: selma " + subcommand)
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                yield from _parsers(subparser)
+
+
+def test_every_help_text_is_printed_as_written_percent_signs_included():
+    def squeezed(text: str) -> str:  # argparse wraps lines, also at hyphens
+        return "".join(text.split())
+
+    for parser in _parsers(cli.build_parser()):
+        shown = parser.format_help()
+        assert "'option_strings'" not in shown, f"{parser.prog}: a help text broke argparse's formatting"
+    train_help = squeezed(next(parser for parser in _parsers(cli.build_parser())
+                               if parser.prog == "selma train").format_help())
+    assert squeezed("Recompute activations in the backward pass: much less memory, about 20-30% slower.") in train_help
 
 
 def test_a_stage_not_built_yet_says_so_and_exits_non_zero(capsys, monkeypatch):

@@ -21,7 +21,8 @@ from comfyui_selma.nodes import NODE_CLASSES
 from comfyui_selma.nodes import train as train_node
 from comfyui_selma.nodes.train import EVENT, SelmaTrainLoraExpert
 from comfyui_selma.trainer import train_run
-from comfyui_selma.trainer.train_run import RunError, checkpoints
+from comfyui_selma.trainer.locks import LockHeldError
+from comfyui_selma.trainer.train_run import RunError, checkpoints, run_folder_lock
 
 
 @pytest.fixture
@@ -172,3 +173,12 @@ def test_caption_encoding_offers_sentences_and_a_saved_workflow_holding_segments
     config = (comfy.output_dir / "selma" / "train" / "counting-expert" / "config.toml").read_text()
     assert 'caption_encoding = "sentences"' in config
     assert "caption_encoding 'segments' is the old name of 'sentences'" in caplog.text
+
+
+def test_a_run_another_process_trains_is_refused_before_the_trainer_starts(comfy, setup, started):
+    dataset, model = setup
+    run_dir = comfy.output_dir / "selma" / "train" / "counting-expert"
+    with run_folder_lock(run_dir), pytest.raises(LockHeldError, match=f"counting-expert: in use by process "
+                                                                      f"{os.getpid()}"):
+        SelmaTrainLoraExpert().train(**inputs(dataset, model))
+    assert started == [] and not run_dir.exists()

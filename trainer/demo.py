@@ -13,13 +13,15 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_path
+from .files import atomic_path, check_output_folder
 from .prompts import PromptConfig, expand_prompts
 from .settings import add_config_arguments, config_from_arguments, setting
+from .skills import CUSTOM, SKILLS, skill_names
 
 CONTACT_SHEET_COLUMNS = 8  # one row per skill at the default prompts_per_skill
 
@@ -38,6 +40,36 @@ class DemoConfig:
     training_steps: int = setting(4, "Training steps per expert (the paper trains 5,000).")
     rank: int = setting(4, "LoRA rank of the experts (the paper uses 128).")
     seed: int = setting(0, "Seed of every stage.")
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` naming the first setting that cannot work, before the demo makes anything:
+        a bad value would otherwise stop it minutes later, after the model and the first stages were made."""
+        presets = [name for name in skill_names() if name != CUSTOM]  # custom needs rules and seeds the demo lacks
+        if not self.skills:
+            raise ValueError("skills: empty; expected comma-separated skill presets, e.g. counting,spatial_relations")
+        for index, name in enumerate(self.skills):
+            if name not in presets:
+                raise ValueError(f"skills: unknown skill {name!r}; expected presets from {', '.join(presets)}")
+            if name in self.skills[:index]:
+                raise ValueError(f"skills: {name!r} is listed twice; expected each skill once (one expert each)")
+        seed_prompts = max(len(SKILLS[name].seeds) for name in self.skills)
+        if _whole(self.prompts_per_skill) and self.prompts_per_skill < seed_prompts:
+            raise ValueError(f"prompts_per_skill: {self.prompts_per_skill}; expected at least {seed_prompts} (the "
+                             "seed prompts each skill's set starts from)")
+        for name in ("prompts_per_skill", "sampling_steps", "training_steps", "rank"):
+            value = getattr(self, name)
+            if not _whole(value) or value < 1:
+                raise ValueError(f"{name}: {value!r}; expected a whole number >= 1")
+        if not _whole(self.resolution) or self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"resolution: {self.resolution!r}; expected a positive multiple of 8 (the VAE works on "
+                             "8x8 pixel blocks), e.g. 64")
+        if not _whole(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed: {self.seed!r}; expected a whole number from 0 to 2**63 - 1")
+        check_output_folder(self.out, "out")
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -92,12 +124,14 @@ def _training_echo(report: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def run_demo(config: DemoConfig, report: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage; every setting is checked (:meth:`DemoConfig.validate`) before anything is made."""
     from .merge import MergeConfig, merge_files
     from .prompt_set import prompt_set_of
     from .render import RenderConfig, render_dataset
     from .train import quiet_libraries, run_training
     from .train_config import TrainConfig
 
+    config.validate()
     quiet_libraries()
     out_dir = Path(config.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +176,11 @@ def run_demo(config: DemoConfig, report: Callable[[str], None] = print) -> DemoR
 
 
 def _run(arguments: argparse.Namespace) -> int:
-    run_demo(config_from_arguments(DemoConfig, arguments))
+    try:
+        run_demo(config_from_arguments(DemoConfig, arguments))
+    except (ValueError, OSError) as error:  # every stage's user errors; OSError: a lock held, a full disk
+        print(f"selma demo: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

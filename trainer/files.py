@@ -1,7 +1,10 @@
 """Atomic file writes and safe names: the rules every stage's files follow.
 
 A write goes to a temporary name in the same folder and is renamed over the target, so a killed
-process leaves either the old file or the new one, never half of one.
+process leaves either the old file or the new one, never half of one. The temporary is
+``.<name>.<pid>.<random>.tmp``: what a killed writer leaves (up to the size of the file) is removed
+the next time the same file is written, and only when its pid no longer runs, so a live writer's
+temporary is never touched.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .locks import process_alive
+
+
 def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -23,14 +29,41 @@ def _default_file_mode() -> int:
 
 _DEFAULT_FILE_MODE = _default_file_mode()
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+_TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY_TAIL = re.compile(r"(\d{1,9})\.[a-z0-9_]{8}")  # <pid>.<mkstemp's 8 random characters>
+
+
+def _new_temporary(target: Path) -> tuple[int, str]:
+    """Create ``target``'s folder and a temporary file beside ``target`` named for this process; first
+    remove the temporaries of ``target`` that writers which no longer run left behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(target)
+    return tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=_TEMPORARY_SUFFIX)
+
+
+def remove_dead_temporaries(target: str | os.PathLike[str]) -> int:
+    """Delete the temporaries of ``target`` whose writer's pid is gone (a killed write); return how many."""
+    target = Path(target)
+    prefix = f".{target.name}."
+    removed = 0
+    with os.scandir(target.parent) as entries:  # a dataset folder holds thousands of files: one cheap pass
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(prefix) and name.endswith(_TEMPORARY_SUFFIX)):
+                continue
+            match = _TEMPORARY_TAIL.fullmatch(name[len(prefix):-len(_TEMPORARY_SUFFIX)])
+            if match is None or process_alive(int(match[1])) or not entry.is_file(follow_symlinks=False):
+                continue
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it is flushed, fsynced and renamed to ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    handle, temporary_name = _new_temporary(target)
     os.chmod(temporary_name, _DEFAULT_FILE_MODE)  # mkstemp makes 0600; a finished file gets the usual mode
     binary = "b" in mode
     try:
@@ -48,8 +81,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` for writers that want a file name (safetensors); renamed on success."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    handle, temporary_name = _new_temporary(target)
     os.close(handle)
     os.chmod(temporary_name, _DEFAULT_FILE_MODE)
     try:
@@ -69,6 +101,50 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_output_file(path: str | os.PathLike[str], field: str) -> Path:
+    """Return ``path`` if a file can be written there; else raise a ``ValueError`` naming ``field`` and the path.
+
+    Refused before any work: a folder, a path under a file, a folder this process may not write in
+    (read-only disk, no permission). Missing folders are fine: the write creates them.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{field}: {target} is a folder; expected the path of a file to write")
+    _check_writable_parent(target, field)
+    return target
+
+
+def check_output_folder(path: str | os.PathLike[str], field: str) -> Path:
+    """Return ``path`` if it is, or can be made, a folder this process may write in; else raise naming ``field``."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{field}: {folder} is a file; expected a folder (it is created if missing)")
+    if folder.is_dir():
+        _check_writable(folder, field)
+    else:
+        _check_writable_parent(folder, field)
+    return folder
+
+
+def _check_writable_parent(path: Path, field: str) -> None:
+    """The nearest folder above ``path`` that exists must be a folder this process may write in."""
+    existing = path.absolute().parent
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{field}: {existing} is a file, so {path} cannot be written in it; expected a path in a "
+                         "folder")
+    _check_writable(existing, field)
+
+
+def _check_writable(folder: Path, field: str) -> None:
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    read_only = hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    reason = "a read-only file system" if read_only else "no write permission"
+    raise ValueError(f"{field}: cannot write in {folder} ({reason}); expected a folder you can write to")
 
 
 def check_name(name: str, field: str) -> str:

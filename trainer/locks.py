@@ -123,7 +123,7 @@ def _acquire_pid_file(target: Path, lock_path: Path) -> tuple[int, int | None]:
             except FileNotFoundError:
                 continue  # released meanwhile: try again
             holder = int(text) if text.isdigit() else None
-            if holder is None or _process_alive(holder):
+            if holder is None or process_alive(holder):
                 raise LockHeldError(target, holder) from None
             previous_pid = holder
             lock_path.unlink(missing_ok=True)  # stale: its process is gone
@@ -133,7 +133,7 @@ def _acquire_pid_file(target: Path, lock_path: Path) -> tuple[int, int | None]:
     raise LockHeldError(target, None)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs; on Windows through OpenProcess, since ``os.kill(pid, 0)`` would signal it there."""
     if pid == os.getpid():
         return True

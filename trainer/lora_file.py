@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import atomic_path
+from .files import atomic_open
 from .lora_architectures import (
     TEXT_ENCODER_1,
     TEXT_ENCODER_2,
@@ -44,6 +44,7 @@ from .lora_architectures import (
     parse_module_path,
 )
 from .model_loading import PICKLE_SUFFIXES
+from .terminal import printable
 
 if TYPE_CHECKING:
     import torch
@@ -361,16 +362,38 @@ def kohya_state_dict(lora: Lora, dtype: torch.dtype | None = None) -> dict[str, 
 
 def write_lora(lora: Lora, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
     """Write ``lora`` to ``path`` in kohya layout with ``lora.metadata`` (every value a string) and the
-    file's own ``sshs_*`` hashes (:func:`safetensors_hashes`, replacing any it was read with), atomically."""
-    from safetensors.torch import save_file
+    file's own ``sshs_*`` hashes (:func:`safetensors_hashes`, replacing any it was read with), atomically.
 
+    The bytes depend on the content only: the same LoRA and metadata give the same file (see
+    :func:`_serialized`)."""
     target = Path(path)
     metadata = {str(key): str(value) for key, value in lora.metadata.items()}
     tensors = kohya_state_dict(lora, dtype)
     metadata[MODEL_HASH_KEY], metadata[LEGACY_HASH_KEY] = safetensors_hashes(tensors, metadata)
-    with atomic_path(target) as temporary:
-        save_file(tensors, os.fspath(temporary), metadata=metadata)
+    header, data = _serialized(tensors, metadata)
+    with atomic_open(target, "wb") as stream:
+        stream.write(header)
+        stream.write(data)
     return target
+
+
+def _serialized(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, memoryview]:
+    """The file as (length + header, tensor data), the metadata in sorted key order.
+
+    safetensors keeps metadata in a Rust ``HashMap`` and writes it in an order that changes from one
+    call to the next, so two identical merges would differ in their header. The header is JSON padded
+    with spaces to a multiple of 8 bytes; it is written again with the same tensor entries and the
+    metadata sorted, and the tensor data is kept as the library wrote it.
+    """
+    from safetensors.torch import save
+
+    serialized = save(dict(tensors), dict(metadata))
+    length = int.from_bytes(serialized[:8], "little")
+    header = json.loads(serialized[8:8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, memoryview(serialized)[8 + length:]
 
 
 def format_number(value: float) -> str:
@@ -474,25 +497,29 @@ def _key_count(path: str | os.PathLike[str]) -> int:
 
 
 def _info(arguments: argparse.Namespace) -> int:
+    """Print a description of the file; every text from the file goes through :func:`.terminal.printable`
+    (the file may come from anyone), and ``--json`` is ASCII, so it shows no control character either."""
     lora = read_lora(arguments.file, architecture=arguments.architecture or None)
     description = describe_lora(lora, key_count=_key_count(arguments.file))
     if arguments.json:
-        print(json.dumps(description, indent=2, ensure_ascii=False))
+        print(json.dumps(description, indent=2, ensure_ascii=True))
         return 0
     components = ", ".join(f"{name} {count}" for name, count in sorted(description["modules_by_component"].items()))
-    print(f"file:         {description['file']}")
-    print(f"architecture: {description['architecture']} ({description['architecture_title']})")
-    print(f"layout:       {description['layout']}")
-    print(f"modules:      {description['modules']} ({components})")
-    print(f"keys:         {description['keys']}")
-    print(f"rank:         {description['rank']}")
-    print(f"alpha:        {description['alpha']}")
-    print(f"dtype:        {description['dtype']}")
-    print(f"metadata:     {len(description['metadata'])} keys")
+    lines = [f"file:         {description['file']}",
+             f"architecture: {description['architecture']} ({description['architecture_title']})",
+             f"layout:       {description['layout']}",
+             f"modules:      {description['modules']} ({components})",
+             f"keys:         {description['keys']}",
+             f"rank:         {description['rank']}",
+             f"alpha:        {description['alpha']}",
+             f"dtype:        {description['dtype']}",
+             f"metadata:     {len(description['metadata'])} keys"]
     for key, value in description["metadata"].items():
         if not arguments.full and len(value) > METADATA_VALUE_SHOWN:
             value = value[:METADATA_VALUE_SHOWN] + f"... ({len(value)} characters; --full shows all)"
-        print(f"  {key}: {value}")
+        lines.append(f"  {key}: {value}")
+    for line in lines:
+        print(printable(line))
     return 0
 
 
@@ -516,5 +543,5 @@ def _run_cli(arguments: argparse.Namespace) -> int:
     try:
         return _info(arguments)
     except (LoraFileError, FileNotFoundError) as error:
-        print(f"selma lora info: {error}", file=sys.stderr)
+        print(printable(f"selma lora info: {error}"), file=sys.stderr)
         return 2

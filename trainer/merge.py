@@ -21,7 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .lora_file import Lora, LoraFileError, format_number, lora_metadata, read_lora, write_lora
+from .files import check_output_file
+from .locks import exclusive_lock
+from .lora_file import Lora, format_number, lora_metadata, read_lora, write_lora
 from .merge_methods import DENSITY_METHODS, METHODS, RANKED_METHODS, SEEDED_METHODS, MergeOptions, module_seed
 from .settings import add_config_arguments, config_from_arguments, setting
 
@@ -225,24 +227,29 @@ def merge_files(
 ) -> MergeResult:
     """Read, check, merge and write: the one merge entry point of the CLI and the node.
 
-    Every check runs before the output is written; on any error nothing is written.
+    Every check runs before the output is written; on any error nothing is written. The output is
+    checked (a file path in a folder this process may write in) before any expert is read, and
+    locked (:func:`.locks.exclusive_lock`) while it is made: a merge into an output another process
+    is writing raises :class:`.locks.LockHeldError` naming that process.
     """
     config = config or MergeConfig()
     sources = [Path(path) for path in paths]
     target = Path(output)
     weights = parse_weights(config.weights, len(sources))
     check_config(config, weights)
+    check_output_file(target, "output")
     if target.suffix.lower() != ".safetensors":
         raise ValueError(f"output: {target} must end in .safetensors (the merged LoRA is written in kohya layout)")
     for source in sources:
         if target.exists() and source.exists() and os.path.samefile(source, target):
             raise ValueError(f"output: {target} is also expert {source}; write the merge to a new file")
     architecture = None if config.architecture == "auto" else config.architecture
-    experts = [read_lora(source, architecture=architecture) for source in sources]
-    title = config.title.strip() or target.stem
-    lora, missing = merge_loras(experts, config, weights, title=title, progress=progress)
-    lora.source = os.fspath(target)
-    write_lora(lora, target)
+    with exclusive_lock(target):  # one writer per output: a second merge into it is told who holds it
+        experts = [read_lora(source, architecture=architecture) for source in sources]
+        title = config.title.strip() or target.stem
+        lora, missing = merge_loras(experts, config, weights, title=title, progress=progress)
+        lora.source = os.fspath(target)
+        write_lora(lora, target)
     return MergeResult(path=target, lora=lora, method=config.method, weights=list(weights),
                        sources=[os.fspath(source) for source in sources], missing=missing)
 
@@ -265,7 +272,7 @@ def _run_cli(arguments: argparse.Namespace) -> int:
     config = config_from_arguments(MergeConfig, arguments)
     try:
         result = merge_files(arguments.experts, arguments.out, config)
-    except (LoraFileError, ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: a file that cannot be read, a full disk, a lock held
         print(f"selma merge: {error}", file=sys.stderr)
         print("selma merge: nothing was written", file=sys.stderr)
         return 2

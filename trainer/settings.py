@@ -85,7 +85,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
             continue
         default = default_of(config_class, config_field.name)
         flag = "--" + config_field.name.replace("_", "-")
-        help_text = config_field.metadata.get("help", "")
+        help_text = config_field.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         choices = config_field.metadata.get("choices")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=config_field.name, action=argparse.BooleanOptionalAction,
@@ -96,7 +96,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
         listed = {"choices": (*choices, *renamed), "metavar": "{" + ",".join(choices) + "}"} if renamed else \
             {"choices": choices}
         parser.add_argument(flag, dest=config_field.name, type=value_type, default=default,
-                            help=f"{help_text} (default: {default})", **listed)
+                            help=f"{help_text} (default: {str(default).replace('%', '%%')})", **listed)
 
 
 def config_from_arguments(config_class: type[ConfigT], arguments: argparse.Namespace, **overrides: Any) -> ConfigT:

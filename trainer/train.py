@@ -63,6 +63,7 @@ from .train_run import (
     checkpoints,
     final_lora_path,
     prepare_run_folder,
+    run_folder_lock,
     run_state,
     step_lora_path,
 )
@@ -437,16 +438,26 @@ def micro_batch_loss(model: BaseModel, unet, data: TrainingData, config: TrainCo
 # -------------------------------------------------------------------------------------------- run
 
 def train(config: TrainConfig, run_dir: str | os.PathLike[str], echo: Callable[[str], None] | None = None,
-          checked: CheckedInputs | None = None) -> Path:
+          checked: CheckedInputs | None = None, prepare: bool = False) -> Path:
     """Train (or resume, or find finished) the run in ``run_dir``; return the final LoRA file.
 
     ``config`` must be the run's ``config.toml`` (:func:`trainer.train_run.prepare_run_folder`
-    writes it). Every process of an ``accelerate launch`` calls this; only the main one writes.
+    writes it; with ``prepare`` this function does, as a one-process ``selma train`` asks). Every
+    process of an ``accelerate launch`` calls this; only the main one writes, and it holds the run
+    folder's lock (:func:`trainer.train_run.run_folder_lock`) from before ``config.toml`` is written
+    to the end: a second trainer of the same folder is refused with the first one's pid.
     """
+    from accelerate import PartialState
     from accelerate.state import AcceleratorState, GradientState
 
+    run_dir = Path(run_dir)
     try:
-        return _train(config, Path(run_dir), echo, checked)
+        # Without a GPU the processes of a launch talk over gloo, which accelerate only sets up when told cpu=True.
+        state = PartialState(cpu=not accelerator_available())
+        with run_folder_lock(run_dir) if state.is_main_process else contextlib.nullcontext():
+            if prepare:
+                prepare_run_folder(config, run_dir)
+            return _train(config, run_dir, echo, checked, state)
     finally:
         # Several runs in one process (tests, benchmarks): accelerate keeps its state in singletons.
         AcceleratorState._reset_state()
@@ -454,17 +465,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike[str], echo: Callable[[
 
 
 def _train(config: TrainConfig, run_dir: Path, echo: Callable[[str], None] | None,
-           checked: CheckedInputs | None) -> Path:
+           checked: CheckedInputs | None, state) -> Path:
     import torch
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
 
     checked = checked or check_inputs(config)
     family = checked.family
     architecture = family.architecture
     training_set = checked.training_set
-    # Without a GPU the processes of a launch talk over gloo, which accelerate only sets up when told cpu=True.
     on_cpu = not accelerator_available()
-    state = PartialState(cpu=on_cpu)
     events = EventLog(run_dir / LOG_FILE, enabled=state.is_main_process, echo=echo)
     run = run_state(run_dir, config)
     if run.finished:
@@ -755,9 +764,8 @@ def run_training(config: TrainConfig, run_dir: str | os.PathLike[str],
                  echo: Callable[[str], None] | None = None) -> Path:
     """Check everything, write ``config.toml`` into ``run_dir`` (or continue the run there) and train."""
     config = absolute_paths(config)
-    checked = check_inputs(config)
-    prepare_run_folder(config, run_dir)
-    return train(config, run_dir, echo=echo, checked=checked)
+    checked = check_inputs(config, run_dir=run_dir)
+    return train(config, run_dir, echo=echo, checked=checked, prepare=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -771,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = read_config(config_path)
         train(config, config_path.parent)
-    except (RunError, TrainError, ValueError, FileNotFoundError) as error:
+    except (RunError, TrainError, ValueError, OSError) as error:  # OSError: a lock held by another trainer, too
         _report_failure(config_path.parent, error)
         return FAILED_EXIT_CODE
     return 0
@@ -854,7 +862,7 @@ def _run_cli(arguments: argparse.Namespace) -> int:
             values["pretrained_model_name_or_path"] = arguments.model
         config = config_from_dict(values, source="selma train")
         final = run_training(config, run_dir)
-    except (RunError, TrainError, ValueError, FileNotFoundError) as error:
+    except (RunError, TrainError, ValueError, OSError) as error:  # OSError: a lock held by another trainer, too
         print(f"selma train: {error}", file=sys.stderr)
         return 2
     print(f"selma train: LoRA written to {final}", file=sys.stderr)

@@ -247,7 +247,13 @@ def read_config(path: str | os.PathLike[str], notify: Callable[[str], None] | No
             values = tomllib.load(stream)
     except FileNotFoundError:
         raise FileNotFoundError(f"{source}: no such config file; expected a run's {CONFIG_FILE}") from None
-    except tomllib.TOMLDecodeError as error:
+    except IsADirectoryError:
+        raise ValueError(f"{source}: is a folder; expected a run's {CONFIG_FILE} file (such as "
+                         f"{source / CONFIG_FILE})") from None
+    except OSError as error:
+        raise ValueError(f"{source}: cannot be read ({error.strerror or error}); expected a run's {CONFIG_FILE}") \
+            from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{source}: not valid TOML ({error})") from None
     return config_from_dict(values, source=str(source), notify=notify)
 

@@ -23,11 +23,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .dataset import DatasetError
+from .files import check_output_folder
+from .locks import HeldLock, exclusive_lock
 from .model_configs import PREDICTION_TYPES, ModelFamily, check_architecture
 from .model_loading import PICKLE_SUFFIXES, checkpoint_family
 from .train_config import CONFIG_FILE, TrainConfig, differences, read_config, write_config
@@ -158,8 +161,15 @@ class CheckedInputs:
     family: ModelFamily
 
 
-def check_inputs(config: TrainConfig, verify_images: bool = True) -> CheckedInputs:
-    """Everything that can be known before a model loads: settings, dataset, base model family."""
+def check_inputs(config: TrainConfig, verify_images: bool = True,
+                 run_dir: str | os.PathLike[str] | None = None) -> CheckedInputs:
+    """Everything that can be known before a model loads: the run folder (when given: a folder, or a path
+    where one can be made, that this process may write in), settings, dataset, base model family."""
+    if run_dir is not None:
+        try:
+            check_output_folder(run_dir, "run folder")
+        except ValueError as error:
+            raise RunError(str(error)) from None
     config.validate()
     if config.optimizer_type == "AdamW8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise RunError("optimizer_type: AdamW8bit needs the bitsandbytes package, which is not installed; install "
@@ -181,6 +191,13 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
         if value:
             changes[name] = os.path.abspath(os.path.expanduser(value))  # links kept: their names are the user's
     return dataclasses.replace(config, **changes)
+
+
+def run_folder_lock(run_dir: str | os.PathLike[str]) -> AbstractContextManager[HeldLock]:
+    """The exclusive lock of a run folder (``<run>.lock`` beside it), held by whoever writes the run:
+    the trainer's main process, and the node while it writes ``config.toml``. The folder is resolved, so
+    ``.`` and a link to it name the same lock."""
+    return exclusive_lock(Path(run_dir).resolve())
 
 
 def prepare_run_folder(config: TrainConfig, run_dir: str | os.PathLike[str]) -> Path:
