@@ -281,3 +281,17 @@ def test_node_explains_every_input_and_refuses_a_path_as_output_name(comfy, expe
     assert node_class.CATEGORY == "SELMA/4 merge" and len(node_class.OUTPUT_TOOLTIPS) == len(node_class.RETURN_TYPES)
     with pytest.raises(ValueError, match="output_name: '../escape' is not a plain name"):
         _node().merge(method="linear", weights="", rank=0, output_name="../escape", expert_1=str(experts[0]))
+
+
+def test_source_date_epoch_dates_the_merge_so_another_day_gives_the_same_bytes(experts, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # 2023-11-14 UTC
+    output = tmp_path / "merged.safetensors"
+    assert main(["merge", *map(str, experts), "--out", str(output)]) == 0
+    assert read_lora(output).metadata["modelspec.date"] == "2023-11-14"
+
+
+def test_a_malformed_source_date_epoch_is_refused_before_the_merge_starts(experts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    output = tmp_path / "merged.safetensors"
+    assert main(["merge", *map(str, experts), "--out", str(output)]) == 2
+    assert "SOURCE_DATE_EPOCH" in capsys.readouterr().err and not output.exists()

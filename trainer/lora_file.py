@@ -401,6 +401,20 @@ def format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+def release_date() -> datetime.date:
+    """The day a written file is dated: ``SOURCE_DATE_EPOCH`` (seconds, UTC) when set, else today.
+
+    ``modelspec.date`` is the one metadata value of a merge that its inputs don't decide; the
+    reproducible-builds variable lets a user get the same bytes on another day too.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch:
+        return datetime.date.today()
+    if not epoch.isdigit():
+        raise LoraFileError(f"SOURCE_DATE_EPOCH: expected whole seconds since 1970, found {epoch[:40]!r}")
+    return datetime.datetime.fromtimestamp(int(epoch), tz=datetime.timezone.utc).date()
+
+
 def lora_metadata(
     arch: Architecture,
     title: str,
@@ -433,7 +447,7 @@ def lora_metadata(
         "modelspec.implementation": arch.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{size}x{size}",
-        "modelspec.date": (date or datetime.date.today()).isoformat(),
+        "modelspec.date": (date or release_date()).isoformat(),
     }
     if prediction_type:
         metadata["modelspec.prediction_type"] = MODELSPEC_PREDICTION_TYPES[base.prediction_type]

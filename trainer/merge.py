@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .files import check_output_file
 from .locks import exclusive_lock
-from .lora_file import Lora, format_number, lora_metadata, read_lora, write_lora
+from .lora_file import Lora, format_number, lora_metadata, read_lora, release_date, write_lora
 from .merge_methods import DENSITY_METHODS, METHODS, RANKED_METHODS, SEEDED_METHODS, MergeOptions, module_seed
 from .settings import add_config_arguments, config_from_arguments, setting
 
@@ -237,6 +237,7 @@ def merge_files(
     target = Path(output)
     weights = parse_weights(config.weights, len(sources))
     check_config(config, weights)
+    release_date()  # a malformed SOURCE_DATE_EPOCH is refused before any work
     check_output_file(target, "output")
     if target.suffix.lower() != ".safetensors":
         raise ValueError(f"output: {target} must end in .safetensors (the merged LoRA is written in kohya layout)")
