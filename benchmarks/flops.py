@@ -40,13 +40,15 @@ VAE_DOWNSCALE = 8
 TEXT_TOKENS = 77
 
 
-def build_unet(architecture: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
-    """The full-size UNet of ``architecture`` from the shipped config, with random weights (none on meta)."""
+def build_unet(architecture: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32,
+               config: dict | None = None):
+    """The UNet of ``architecture`` with random weights (none on meta): full size from the shipped config, or
+    from ``config`` (a UNet config, e.g. a tiny model's)."""
     from diffusers import UNet2DConditionModel
 
     from comfyui_selma.trainer.model_configs import config_folder
 
-    config = UNet2DConditionModel.load_config(config_folder(architecture) / "unet")
+    config = config or UNet2DConditionModel.load_config(config_folder(architecture) / "unet")
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in ``dtype``: no full-precision copy first, on a GPU too
     try:
@@ -95,9 +97,10 @@ def _counted(unet, inputs: dict, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-def count_unet_flops(architecture: str, resolution: int, rank: int) -> dict:
-    """Forward, LoRA-training and full-training FLOPs per image of the full-size UNet (see the module doc)."""
-    unet = build_unet(architecture)
+def count_unet_flops(architecture: str, resolution: int, rank: int, config: dict | None = None) -> dict:
+    """Forward, LoRA-training and full-training FLOPs per image of the full-size UNet (or of ``config``'s; see
+    the module doc)."""
+    unet = build_unet(architecture, config=config)
     parameters = sum(parameter.numel() for parameter in unet.parameters())
     inputs = unet_inputs(unet, 1, resolution)
     forward = _counted(unet, inputs, backward=False)
