@@ -411,7 +411,8 @@ def main() -> int:
 
 def summary(data: dict) -> dict:
     """The figures a README row quotes, from the results."""
-    sections = data["sections"]
+    sections = {name: value for name, value in data["sections"].items()
+                if not (isinstance(value, dict) and "skipped" in value)}
     short = {}
     for row in sections.get("train", {}).get("rows", []):
         short[f"train {row['trainer']}"] = {key: round(row[key], 3) for key in
@@ -420,10 +421,10 @@ def summary(data: dict) -> dict:
         for row in run.get("rows", []):
             short[f"sdxl gc={run['settings']['gradient_checkpointing']}"] = {
                 key: round(row[key], 3) for key in ("images_per_s", "peak_memory_gib") if key in row}
-    for architecture, render in sections.get("render", {}).items():
+    for architecture, render in sections.get("render", {}).items():  # a failed run has no rows
         for row in render.get("rows", []):
             short[f"render {architecture} batch {row['batch_size']}"] = round(row["speedup_vs_one_call_per_prompt"], 2)
-    for row in sections.get("variants", []) if isinstance(sections.get("variants"), list) else []:
+    for row in sections.get("variants", []):
         short[f"variant {row['variant']}"] = row.get("vs_baseline") or row.get("failed") or row.get("skipped")
     return short
 
