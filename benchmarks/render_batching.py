@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--comfyui-steps", type=int, default=2)
     parser.add_argument("--comfyui-prompts", type=int, default=8)
     parser.add_argument("--no-comfyui", action="store_true", help="skip ComfyUI even when COMFYUI_PATH is set")
+    parser.add_argument("--results", default=str(RESULTS), help="where the results file goes")
     arguments = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -198,11 +199,12 @@ def main() -> None:
               f"{row['speedup_vs_one_call_per_prompt']:>12.2f}x")
     if comfyui_note:
         print(f"ComfyUI: {comfyui_note}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"settings": vars(arguments), "torch": torch.__version__,
+    results = Path(arguments.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"settings": vars(arguments), "torch": torch.__version__,
                                    "threads": torch.get_num_threads(), "comfyui": comfyui_note or "measured",
                                    "rows": rows}, indent=2) + "\n")
-    print(f"written {RESULTS}")
+    print(f"written {results}")
 
 
 if __name__ == "__main__":
