@@ -8,7 +8,6 @@ it at once. With MODEL/CLIP linked, the node also returns them with the merged L
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from ..trainer.merge import ARCHITECTURE_CHOICES, SAVE_DTYPES, MergeConfig, Merg
 from ..trainer.merge_methods import METHODS
 from ..trainer.settings import default_of, help_of
 from .comfy_runtime import NodeProgress, send_event
+from .folders import model_folder_paths, model_path
 
 EVENT = "selma.merge"
 
@@ -38,17 +38,9 @@ def _lora_names() -> list[str]:
     return [NONE] + [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(LORA_SUFFIX)]
 
 
-def _resolve_expert(value: str, slot: int) -> Path:
-    """A slot's value — a name in models/loras or a path to a file — as a path; raises naming the slot."""
-    import folder_paths
-
-    text = value.strip()
-    if os.path.isabs(text) and os.path.isfile(text):
-        return Path(text)
-    full_path = folder_paths.get_full_path("loras", text)
-    if full_path and os.path.isfile(full_path):
-        return Path(full_path)
-    raise ValueError(f"expert {slot}: {text!r} is neither a LoRA in models/loras nor an existing file")
+def _resolve_expert(value: str, field: str) -> Path:
+    """A slot's value — a name in models/loras or a path inside it — as a path; raises naming the widget."""
+    return model_path(value, field, model_folder_paths("loras"), "a LoRA", file_only=True)
 
 
 class SelmaMergeLoraExperts:
@@ -78,7 +70,7 @@ class SelmaMergeLoraExperts:
         for slot in range(1, SLOTS + 1):
             optional[f"expert_{slot}"] = ("STRING", {
                 "forceInput": True,
-                "tooltip": f"Expert {slot} from a Train node: its LoRA name in models/loras or a file path. When "
+                "tooltip": f"Expert {slot} from a Train node: its LoRA name or path in models/loras. When "
                            f"linked it fills slot {slot} instead of lora_{slot}."})
         for slot in range(1, SLOTS + 1):
             optional[f"lora_{slot}"] = (loras, {
@@ -126,9 +118,9 @@ class SelmaMergeLoraExperts:
             linked = (slots.get(f"expert_{slot}") or "").strip()
             picked = (slots.get(f"lora_{slot}") or NONE).strip()
             if linked:
-                experts.append(_resolve_expert(linked, slot))
+                experts.append(_resolve_expert(linked, f"expert_{slot}"))
             elif picked and picked != NONE:
-                experts.append(_resolve_expert(picked, slot))
+                experts.append(_resolve_expert(picked, f"lora_{slot}"))
         if not experts:
             raise ValueError("no experts: link a Train node to expert_1.. or pick LoRAs in lora_1..")
         file_name = check_name(output_name.strip().removesuffix(LORA_SUFFIX), "output_name") + LORA_SUFFIX
