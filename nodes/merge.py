@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from ..trainer.files import check_name
-from ..trainer.merge import ARCHITECTURE_CHOICES, SAVE_DTYPES, MergeConfig, MergeResult, merge_files
+from ..trainer.merge import (
+    ARCHITECTURE_CHOICES,
+    METHOD_KEY,
+    SAVE_DTYPES,
+    MergeConfig,
+    MergeResult,
+    merge_files,
+)
 from ..trainer.merge_methods import METHODS
 from ..trainer.settings import default_of, help_of
 from .comfy_runtime import NodeProgress, send_event
@@ -41,6 +48,22 @@ def _lora_names() -> list[str]:
 def _resolve_expert(value: str, field: str) -> Path:
     """A slot's value — a name in models/loras or a path inside it — as a path; raises naming the widget."""
     return model_path(value, field, model_folder_paths("loras"), "a LoRA", file_only=True)
+
+
+def _check_replaceable(target: Path) -> None:
+    """A workflow may replace a merge it made, never a LoRA the owner put into models/loras (nor anything else)."""
+    if not target.exists():
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(target), framework="pt") as handle:
+            ours = METHOD_KEY in (handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ValueError(f"output_name: {target.name} already exists in models/loras and is no SELMA merge; a merge "
+                         "replaces only an earlier merge, so choose another output_name (or move that file away)")
 
 
 class SelmaMergeLoraExperts:
@@ -101,7 +124,8 @@ class SelmaMergeLoraExperts:
                                  "tooltip": _tip("rank")}),
                 "output_name": ("STRING", {"default": "selma-merged", "tooltip":
                                            "File name of the merged LoRA in models/loras (.safetensors added). An "
-                                           "existing file of that name is replaced; an expert's own file is refused."}),
+                                           "earlier merge of that name is replaced; any other file (an expert's "
+                                           "own, a LoRA you downloaded) is refused."}),
             },
             "optional": optional,
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -125,6 +149,7 @@ class SelmaMergeLoraExperts:
             raise ValueError("no experts: link a Train node to expert_1.. or pick LoRAs in lora_1..")
         file_name = check_name(output_name.strip().removesuffix(LORA_SUFFIX), "output_name") + LORA_SUFFIX
         target = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
+        _check_replaceable(target)
         config = MergeConfig(
             method=method, weights=weights, rank=rank,
             density=default_of(MergeConfig, "density") if density is None else density,

@@ -36,6 +36,7 @@ from comfyui_selma.nodes.prompts import SelmaSkillPrompts
 from comfyui_selma.nodes.render import SelmaRenderDataset
 from comfyui_selma.nodes.train import SelmaTrainLoraExpert
 from comfyui_selma.trainer import train_run
+from comfyui_selma.trainer.lora_file import read_lora
 from comfyui_selma.trainer.prompt_set import PromptSet
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -347,6 +348,18 @@ def test_a_lora_inside_models_loras_merges_by_name_and_by_the_path_a_train_node_
     _, _, name, path = merge_node(expert_1=str(machine.comfy.models_dir("loras") / "owners.safetensors"),
                                   lora_2="team/second.safetensors")
     assert name == "merged.safetensors" and Path(path).parent == machine.comfy.models_dir("loras")
+
+
+def test_a_merge_never_replaces_a_lora_it_did_not_make(machine, capsys):
+    loras = machine.comfy.models_dir("loras")
+    shutil.copy(loras / "owners.safetensors", loras / "second.safetensors")
+    (loras / "notes.safetensors").write_bytes(b"not even a LoRA")
+    for name in ("owners", "notes"):
+        assert_refused(machine, "output_name", lambda: merge_node(lora_1="second.safetensors", output_name=name),
+                       capsys)
+    merge_node(lora_1="second.safetensors", output_name="mine")
+    merge_node(lora_1="second.safetensors", lora_2="owners.safetensors", output_name="mine")  # its own: replaced
+    assert "owners.safetensors" in read_lora(loras / "mine.safetensors").metadata["selma.merge.sources"]
 
 
 @pytest.mark.parametrize("attack", ["passwd folder", "environ", "LLM elsewhere", "parent", "nul", "very long"])
