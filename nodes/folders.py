@@ -95,11 +95,14 @@ def writable_path(value: str, field: str) -> Path:
 
 
 def readable_path(value: str, field: str, relative_to: Path) -> Path:
-    """A path a node may read: inside ComfyUI's input or output folder (symlinks followed)."""
+    """An existing path a node may read: inside ComfyUI's input or output folder (symlinks followed)."""
     folders = [input_folder(), output_directory()]
-    return user_path(value, field, folders, relative_to,
+    path = user_path(value, field, folders, relative_to,
                      f"ComfyUI's input and output folders ({folders[0]}, {folders[1]}), the only files a workflow "
                      "may make the server read")
+    if not path.exists():
+        raise ValueError(f"{field}: {shown(value.strip())} does not exist (looked for {path})")
+    return path
 
 
 def dataset_folder(value: str, field: str, writing: bool) -> Path:

@@ -143,13 +143,13 @@ def forbidden_reads(machine: Machine, opened: list[str]) -> list[str]:
 
 
 def assert_refused(machine: Machine, field: str, attack: Callable[[], object], capsys) -> str:
-    """``attack`` raises a message naming ``field`` without the secret; nothing written, nothing foreign read."""
+    """``attack`` raises a message led by ``field`` without the secret; nothing written, nothing foreign read."""
     before = tree(machine.root)
     events_before = len(machine.comfy.events)
     with opened_files() as opened, pytest.raises((ValueError, RuntimeError)) as raised:
         attack()
     message = str(raised.value)
-    assert field in message, message
+    assert message.startswith(f"{field}: "), message
     shown = message + capsys.readouterr().out + json.dumps(machine.comfy.events[events_before:])
     assert SECRET not in shown and URL_SECRET not in shown and PASSWD_LINE not in shown, shown
     assert tree(machine.root) == before, "the refused workflow changed files on the server"
@@ -288,19 +288,22 @@ def secret_file_values(machine: Machine, folder: Path) -> dict[str, str]:
 SECRET_FILES = ["passwd", "environ", "absolute", "parent", "nul", "newline", "dash", "very long"]
 
 
-@pytest.mark.parametrize("attack", SECRET_FILES + ["link in input"])
+@pytest.mark.parametrize("attack", SECRET_FILES + ["link in input", "home"])
 def test_the_prompts_blocklist_reads_nothing_outside_comfyuis_input_and_output(machine, capsys, attack):
     (machine.input / "benchmark.txt").symlink_to(machine.secrets)
-    value = {**secret_file_values(machine, machine.input), "link in input": "benchmark.txt"}[attack]
+    value = {**secret_file_values(machine, machine.input), "link in input": "benchmark.txt",
+             "home": "~/.ssh/id_rsa"}[attack]
     assert_refused(machine, "blocklist", lambda: prompts_node(blocklist=value, threshold=0.01,
                                                               seeds="openai api key\ntwo cats\none dog"), capsys)
 
 
-@pytest.mark.parametrize("attack", SECRET_FILES + ["folder elsewhere", "link in datasets", "system folder"])
+@pytest.mark.parametrize("attack", SECRET_FILES + ["folder elsewhere", "link in datasets", "system folder",
+                                                    "missing"])
 def test_the_train_node_reads_no_dataset_outside_comfyuis_folders(machine, no_trainer, capsys, attack):
     (machine.datasets / "shortcut").symlink_to(machine.elsewhere / "dataset", target_is_directory=True)
     value = {**secret_file_values(machine, machine.datasets), "folder elsewhere": str(machine.elsewhere / "dataset"),
-             "link in datasets": "shortcut", "system folder": "/etc"}[attack]
+             "link in datasets": "shortcut", "system folder": "/etc",
+             "missing": str(machine.comfy.output_dir / "no-such-dataset")}[attack]
     assert_refused(machine, "dataset_path", lambda: train_node(machine, dataset_path=value), capsys)
 
 

@@ -58,7 +58,7 @@ def refused(server, outside: Path, graph: dict, field: str) -> str:
     errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
     assert entry["status"]["status_str"] == "error" and errors, json.dumps(entry["status"])[-3000:]
     message = errors[0]["exception_message"]
-    assert field in message, message
+    assert message.startswith(f"{field}: "), message
     # ComfyUI keeps the graph's own inputs beside the error (current_inputs, /history): what the node says is
     # the message and the traceback.
     said = message + "".join(errors[0]["traceback"])
