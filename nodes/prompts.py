@@ -129,7 +129,8 @@ class SelmaSkillPrompts:
             skill=skill, description=description, seeds=[line for line in seeds.splitlines() if line.strip()],
             count=count, threshold=threshold, max_words=max_words, blocklist=_blocklist_path(blocklist),
             backend=backend, base_url=route.base_url, model=_model(backend, model), api=api,
-            api_key_env=route.api_key_env, seed=seed, max_requests=default_of(PromptConfig, "max_requests") if max_requests is None else max_requests)
+            api_key_env=route.api_key_env, seed=seed,
+            max_requests=default_of(PromptConfig, "max_requests") if max_requests is None else max_requests)
         file_name = (name.strip() or skill).removesuffix(".jsonl")
         output_path = selma_output_path("prompts", check_name(file_name, "name") + ".jsonl")
 
