@@ -8,15 +8,22 @@ it at once. With MODEL/CLIP linked, the node also returns them with the merged L
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from ..trainer.files import check_name
-from ..trainer.merge import ARCHITECTURE_CHOICES, SAVE_DTYPES, MergeConfig, MergeResult, merge_files
+from ..trainer.merge import (
+    ARCHITECTURE_CHOICES,
+    METHOD_KEY,
+    SAVE_DTYPES,
+    MergeConfig,
+    MergeResult,
+    merge_files,
+)
 from ..trainer.merge_methods import METHODS
 from ..trainer.settings import default_of, help_of
 from .comfy_runtime import NodeProgress, send_event
+from .folders import model_folder_paths, model_path
 
 EVENT = "selma.merge"
 
@@ -38,17 +45,25 @@ def _lora_names() -> list[str]:
     return [NONE] + [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(LORA_SUFFIX)]
 
 
-def _resolve_expert(value: str, slot: int) -> Path:
-    """A slot's value — a name in models/loras or a path to a file — as a path; raises naming the slot."""
-    import folder_paths
+def _resolve_expert(value: str, field: str) -> Path:
+    """A slot's value — a name in models/loras or a path inside it — as a path; raises naming the widget."""
+    return model_path(value, field, model_folder_paths("loras"), "a LoRA", file_only=True)
 
-    text = value.strip()
-    if os.path.isabs(text) and os.path.isfile(text):
-        return Path(text)
-    full_path = folder_paths.get_full_path("loras", text)
-    if full_path and os.path.isfile(full_path):
-        return Path(full_path)
-    raise ValueError(f"expert {slot}: {text!r} is neither a LoRA in models/loras nor an existing file")
+
+def _check_replaceable(target: Path) -> None:
+    """A workflow may replace a merge it made, never a LoRA the owner put into models/loras (nor anything else)."""
+    if not target.exists():
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(target), framework="pt") as handle:
+            ours = METHOD_KEY in (handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ValueError(f"output_name: {target.name} already exists in models/loras and is no SELMA merge; a merge "
+                         "replaces only an earlier merge, so choose another output_name (or move that file away)")
 
 
 class SelmaMergeLoraExperts:
@@ -78,7 +93,7 @@ class SelmaMergeLoraExperts:
         for slot in range(1, SLOTS + 1):
             optional[f"expert_{slot}"] = ("STRING", {
                 "forceInput": True,
-                "tooltip": f"Expert {slot} from a Train node: its LoRA name in models/loras or a file path. When "
+                "tooltip": f"Expert {slot} from a Train node: its LoRA name or path in models/loras. When "
                            f"linked it fills slot {slot} instead of lora_{slot}."})
         for slot in range(1, SLOTS + 1):
             optional[f"lora_{slot}"] = (loras, {
@@ -109,7 +124,8 @@ class SelmaMergeLoraExperts:
                                  "tooltip": _tip("rank")}),
                 "output_name": ("STRING", {"default": "selma-merged", "tooltip":
                                            "File name of the merged LoRA in models/loras (.safetensors added). An "
-                                           "existing file of that name is replaced; an expert's own file is refused."}),
+                                           "earlier merge of that name is replaced; any other file (an expert's "
+                                           "own, a LoRA you downloaded) is refused."}),
             },
             "optional": optional,
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -126,13 +142,14 @@ class SelmaMergeLoraExperts:
             linked = (slots.get(f"expert_{slot}") or "").strip()
             picked = (slots.get(f"lora_{slot}") or NONE).strip()
             if linked:
-                experts.append(_resolve_expert(linked, slot))
+                experts.append(_resolve_expert(linked, f"expert_{slot}"))
             elif picked and picked != NONE:
-                experts.append(_resolve_expert(picked, slot))
+                experts.append(_resolve_expert(picked, f"lora_{slot}"))
         if not experts:
             raise ValueError("no experts: link a Train node to expert_1.. or pick LoRAs in lora_1..")
         file_name = check_name(output_name.strip().removesuffix(LORA_SUFFIX), "output_name") + LORA_SUFFIX
         target = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
+        _check_replaceable(target)
         config = MergeConfig(
             method=method, weights=weights, rank=rank,
             density=default_of(MergeConfig, "density") if density is None else density,

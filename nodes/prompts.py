@@ -7,13 +7,13 @@ picks up where it stopped.
 Every widget value is untrusted: a workflow may come from anyone, and ComfyUI runs whatever graph
 reaches its port. So the workflow never chooses both where a key goes and which key: ``base_url``
 picks an endpoint from the server owner's endpoints file (``trainer.endpoints``) and gets that
-endpoint's key, or names a URL of its own, called without a key; and the blocklist is read only
-from ComfyUI's input or output folder. No widget, event or file ever holds a key.
+endpoint's key, or names a URL of its own, called without a key; the blocklist is read only
+from ComfyUI's input or output folder, and a transformers model only from its models folder
+(``nodes/folders.py``). No widget, event or file ever holds a key.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from ..trainer.prompt_set import PromptSet, prompt_set_of
 from ..trainer.prompts import PromptConfig, ProgressUpdate, expand_prompts
 from ..trainer.settings import default_of, help_of
 from ..trainer.skills import skill_names
-from .comfy_runtime import NodeProgress, output_directory, selma_output_path, send_event
+from .comfy_runtime import NodeProgress, selma_output_path, send_event
+from .folders import input_folder, model_path, models_root, readable_path
 
 EVENT = "selma.prompts"
 LATEST_SHOWN = 5
@@ -39,6 +40,9 @@ API_KEY_ENV_TIP = ("Leave empty: a configured endpoint's key is the one its owne
 BLOCKLIST_TIP = (help_of(PromptConfig, "blocklist") + " A file in ComfyUI's input folder (a name relative to it, "
                  "e.g. benchmarks/dsg.txt) or a path inside the input or output folder; nothing else is read.")
 
+MODEL_TIP = (help_of(PromptConfig, "model") + " Here that folder must be in ComfyUI's models folder: give its name "
+             "relative to it (e.g. LLM/my-model).")
+
 
 def _tip(name: str) -> str:
     return help_of(PromptConfig, name)
@@ -46,19 +50,17 @@ def _tip(name: str) -> str:
 
 def _blocklist_path(value: str) -> str:
     """A blocklist path a workflow gave, if it lies in ComfyUI's input or output folder (symlinks followed)."""
-    import folder_paths
-
-    text = value.strip()
-    if not text:
+    if not value.strip():
         return ""
-    input_folder = Path(folder_paths.get_input_directory()).resolve()
-    allowed = (input_folder, output_directory().resolve())
-    resolved = (Path(text) if os.path.isabs(text) else input_folder / text).resolve()
-    if not any(resolved.is_relative_to(folder) for folder in allowed):
-        raise ValueError(f"blocklist: {text!r} is outside ComfyUI's input and output folders, the only files a "
-                         f"workflow may make the server read; put the file in {input_folder} and give its name "
-                         "relative to it")
-    return str(resolved)
+    return str(readable_path(value, "blocklist", input_folder()))
+
+
+def _model(backend: str, value: str) -> str:
+    """The ``model`` widget: a served model's name, or for ``transformers`` a folder in ComfyUI's models folder."""
+    if backend != "transformers":
+        return value.strip()
+    return str(model_path(value, "model", [models_root()], "a causal LM folder saved with save_pretrained "
+                          "(e.g. LLM/my-model)"))
 
 
 def _endpoints_file() -> Path | None:
@@ -90,7 +92,7 @@ class SelmaSkillPrompts:
                 "backend": (list(BACKENDS), {"default": default_of(PromptConfig, "backend"),
                                              "tooltip": _tip("backend")}),
                 "base_url": ("STRING", {"default": "openai", "tooltip": BASE_URL_TIP}),
-                "model": ("STRING", {"default": default_of(PromptConfig, "model"), "tooltip": _tip("model")}),
+                "model": ("STRING", {"default": default_of(PromptConfig, "model"), "tooltip": MODEL_TIP}),
                 "api": (list(APIS), {"default": default_of(PromptConfig, "api"), "tooltip": _tip("api")}),
                 "api_key_env": ("STRING", {"default": "", "tooltip": API_KEY_ENV_TIP}),
                 "count": ("INT", {"default": default_of(PromptConfig, "count"), "min": 1, "max": 1_000_000,
@@ -126,8 +128,9 @@ class SelmaSkillPrompts:
         config = PromptConfig(
             skill=skill, description=description, seeds=[line for line in seeds.splitlines() if line.strip()],
             count=count, threshold=threshold, max_words=max_words, blocklist=_blocklist_path(blocklist),
-            backend=backend, base_url=route.base_url, model=model.strip(), api=api, api_key_env=route.api_key_env,
-            seed=seed, max_requests=default_of(PromptConfig, "max_requests") if max_requests is None else max_requests)
+            backend=backend, base_url=route.base_url, model=_model(backend, model), api=api,
+            api_key_env=route.api_key_env, seed=seed,
+            max_requests=default_of(PromptConfig, "max_requests") if max_requests is None else max_requests)
         file_name = (name.strip() or skill).removesuffix(".jsonl")
         output_path = selma_output_path("prompts", check_name(file_name, "name") + ".jsonl")
 

@@ -37,12 +37,12 @@ from ..trainer.dataset import (
     image_path,
     prepare_dataset,
     render_pending,
-    resolve_dataset_folder,
 )
 from ..trainer.model_configs import native_resolution
 from ..trainer.render import RenderConfig, zeros_for_empty_negative
 from ..trainer.settings import default_of, help_of
-from .comfy_runtime import NodeProgress, check_interrupted, output_directory, selma_output_path, send_event
+from .comfy_runtime import NodeProgress, check_interrupted, output_directory, send_event
+from .folders import dataset_folder
 
 EVENT = "selma.render"
 PREVIEW_IMAGES = 4
@@ -116,8 +116,8 @@ class SelmaRenderDataset:
                 "batch_size": ("INT", {"default": default_of(RenderConfig, "batch_size"), "min": 1, "max": 256,
                                        "tooltip": _tip("batch_size")}),
                 "dataset_name": ("STRING", {"default": "", "tooltip": "Folder name under output/selma/datasets/, "
-                                            "or an absolute path; empty: the skill's name. Queueing again with the "
-                                            "same name continues that dataset."}),
+                                            "or an absolute path inside the output folder; empty: the skill's "
+                                            "name. Queueing again with the same name continues that dataset."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -134,7 +134,7 @@ class SelmaRenderDataset:
             negative_prompt=negative_prompt, seed=seed, batch_size=batch_size,
             prompts_file=str(prompts.path) if getattr(prompts, "path", None) else None)
         request.validate()
-        folder = resolve_dataset_folder(dataset_name.strip() or prompts.skill, selma_output_path("datasets"))
+        folder = dataset_folder(dataset_name.strip() or prompts.skill, "dataset_name", writing=True)
         plan = prepare_dataset(folder, request)
 
         progress = NodeProgress(plan.total, node_id=unique_id)
@@ -163,12 +163,9 @@ class SelmaRenderDataset:
 def _viewable(folder: Path, indices: list[int]) -> list[dict[str, str]]:
     """The batch's images as ComfyUI's ``/view`` route names them, for the browser's preview strip.
 
-    Only images under the output folder can be viewed; a dataset elsewhere (an absolute path) sends none.
+    A dataset is always inside the output folder (``nodes.folders.dataset_folder``), so ``/view`` serves them.
     """
-    try:
-        subfolder = folder.resolve().relative_to(output_directory().resolve())
-    except ValueError:
-        return []
+    subfolder = folder.resolve().relative_to(output_directory().resolve())
     return [{"filename": image_path(folder, index).name, "subfolder": subfolder.as_posix(), "type": "output"}
             for index in indices]
 

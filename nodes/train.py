@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..trainer.dataset import resolve_dataset_folder
 from ..trainer.files import atomic_path, check_name
 from ..trainer.locks import exclusive_lock
 from ..trainer.settings import current_choice, default_of, help_of, renamed_choices
@@ -42,6 +41,7 @@ from ..trainer.train_run import (
     run_state,
 )
 from .comfy_runtime import NodeProgress, check_interrupted, selma_output_path, send_event
+from .folders import dataset_folder, model_folder_paths, model_path
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ class SelmaTrainLoraExpert:
             "required": {
                 "dataset_path": ("STRING", {"default": "", "tooltip": "The dataset folder: connect SELMA Render "
                                             "Dataset's dataset_path, or type a dataset name under "
-                                            "output/selma/datasets/ or an absolute path. " + _tip("train_data_dir")}),
+                                            "output/selma/datasets/ or an absolute path inside ComfyUI's output "
+                                            "or input folder. " + _tip("train_data_dir")}),
                 "base_checkpoint": (_checkpoint_names(), {"tooltip": "Base model to train on, from "
                                                           "models/checkpoints (SD 1.x, SD 2.x or SDXL .safetensors); "
                                                           "base_model_path overrides it."}),
@@ -127,7 +128,8 @@ class SelmaTrainLoraExpert:
             },
             "optional": {
                 "base_model_path": ("STRING", {"default": "", "tooltip": "A diffusers model folder or a .safetensors "
-                                               "file anywhere on disk; when set, used instead of base_checkpoint."}),
+                                               "file in models/diffusers or models/checkpoints (its name there, or "
+                                               "its full path); when set, used instead of base_checkpoint."}),
                 # ComfyUI refuses a combo value not in the list: old names stay (last) for saved workflows.
                 "caption_encoding": ([*CAPTION_ENCODINGS, *renamed_choices(TrainConfig, "caption_encoding")],
                                      {"default": default_of(TrainConfig, "caption_encoding"),
@@ -156,7 +158,7 @@ class SelmaTrainLoraExpert:
             raise RunError("dataset_path: empty; connect SELMA Render Dataset's dataset_path or type a dataset folder")
         config = absolute_paths(TrainConfig(
             pretrained_model_name_or_path=self._base_model(base_checkpoint, base_model_path),
-            train_data_dir=str(resolve_dataset_folder(dataset_path, selma_output_path("datasets"))),
+            train_data_dir=str(dataset_folder(dataset_path, "dataset_path", writing=False)),
             output_name=name, network_dim=rank, network_alpha=float(alpha), learning_rate=float(learning_rate),
             max_train_steps=steps, train_batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation,
             resolution=resolution, mixed_precision=precision, seed=seed, save_every_n_steps=save_every,
@@ -185,15 +187,15 @@ class SelmaTrainLoraExpert:
 
     @staticmethod
     def _base_model(base_checkpoint: str, base_model_path: str) -> str:
+        """The base model a workflow picked, from ComfyUI's checkpoints (or diffusers) folders and nowhere else."""
         if base_model_path.strip():
-            return str(Path(base_model_path.strip()).expanduser())
-        import folder_paths
-
-        path = folder_paths.get_full_path("checkpoints", base_checkpoint) if base_checkpoint else None
-        if not path:
-            raise RunError(f"base_checkpoint: {base_checkpoint!r} is not in models/checkpoints; pick a checkpoint or "
-                           "set base_model_path")
-        return path
+            return str(model_path(base_model_path, "base_model_path", model_folder_paths("checkpoints", "diffusers"),
+                                  "a base model (a .safetensors checkpoint or a diffusers folder)"))
+        if not base_checkpoint.strip():
+            raise RunError("base_checkpoint: '' is not in models/checkpoints; pick a checkpoint or set "
+                           "base_model_path")
+        return str(model_path(base_checkpoint, "base_checkpoint", model_folder_paths("checkpoints"), "a checkpoint",
+                              file_only=True))
 
     @staticmethod
     def _lora_target(name: str) -> Path:

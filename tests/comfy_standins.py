@@ -113,6 +113,7 @@ def _build_modules(state: ComfyStandIns) -> dict[str, types.ModuleType]:
     folder_paths.get_input_directory = lambda: str(state.base_dir / "input")
     folder_paths.get_user_directory = lambda: str(state.base_dir / "user")
     folder_paths.get_folder_paths = lambda folder_name: [str(state.models_dir(folder_name))]
+    folder_paths.models_dir = str(state.base_dir / "models")
 
     def get_filename_list(folder_name: str) -> list[str]:
         folder = state.models_dir(folder_name)

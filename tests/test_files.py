@@ -45,7 +45,8 @@ def test_plain_names_are_accepted(name):
     assert check_name(name, "lora_name") == name
 
 
-@pytest.mark.parametrize("name", ["", "..", "../escape", "a/b", "a\\b", "/abs", ".hidden", "a..b"])
+@pytest.mark.parametrize("name", ["", "..", "../escape", "a/b", "a\\b", "/abs", ".hidden", "a..b", "notes\n",
+                                  "a\nb", "a\0b", "-rf", "n" * 129])
 def test_names_that_could_leave_their_folder_are_refused_naming_the_field(name):
     with pytest.raises(ValueError, match="lora_name"):
         check_name(name, "lora_name")

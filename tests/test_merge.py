@@ -236,10 +236,18 @@ def _node():
     return NODE_CLASS_MAPPINGS["SelmaMergeLoraExperts"]()
 
 
-def test_node_saves_the_merge_into_models_loras(comfy, experts):
+@pytest.fixture
+def experts_in_comfyui(comfy, experts) -> list[Path]:
+    """The experts copied into models/loras: the only folder the node reads LoRAs from."""
     loras = comfy.models_dir("loras")
-    for path in experts[:2]:
+    for path in experts:
         (loras / path.name).write_bytes(path.read_bytes())
+    return [loras / path.name for path in experts]
+
+
+def test_node_saves_the_merge_into_models_loras(comfy, experts_in_comfyui):
+    experts = experts_in_comfyui
+    loras = comfy.models_dir("loras")
     model, clip, name, path = _node().merge(method="linear", weights="", rank=0, output_name="multi-skill",
                                             lora_1=experts[0].name, lora_2=experts[1].name,
                                             expert_3=str(experts[2]), lora_4="None", unique_id="7")
@@ -254,7 +262,8 @@ def test_node_saves_the_merge_into_models_loras(comfy, experts):
         "missing_modules": 1})
 
 
-def test_node_refuses_an_output_another_writer_holds(comfy, experts):
+def test_node_refuses_an_output_another_writer_holds(comfy, experts_in_comfyui):
+    experts = experts_in_comfyui
     target = comfy.models_dir("loras") / "multi-skill.safetensors"
     with exclusive_lock(target), pytest.raises(LockHeldError, match=f"in use by process {os.getpid()}"):
         _node().merge(method="linear", weights="", rank=0, output_name="multi-skill", expert_1=str(experts[0]),
@@ -262,7 +271,8 @@ def test_node_refuses_an_output_another_writer_holds(comfy, experts):
     assert not target.exists()
 
 
-def test_node_cancel_writes_nothing(comfy, experts):
+def test_node_cancel_writes_nothing(comfy, experts_in_comfyui):
+    experts = experts_in_comfyui
     from comfy_standins import InterruptProcessingException
 
     comfy.cancel_after_updates = 2
@@ -272,7 +282,8 @@ def test_node_cancel_writes_nothing(comfy, experts):
     assert not (comfy.models_dir("loras") / "cancelled.safetensors").exists()
 
 
-def test_node_explains_every_input_and_refuses_a_path_as_output_name(comfy, experts):
+def test_node_explains_every_input_and_refuses_a_path_as_output_name(comfy, experts_in_comfyui):
+    experts = experts_in_comfyui
     node_class = type(_node())
     inputs = node_class.INPUT_TYPES()
     for section in ("required", "optional"):

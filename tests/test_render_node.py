@@ -90,11 +90,6 @@ def test_node_progress_advances_per_image_and_each_batch_tells_the_browser_its_i
                                               ("batch", 4, ["000002.png", "000003.png"]), ("batch", 5, ["000004.png"])]
 
 
-def test_a_dataset_outside_the_output_folder_sends_no_preview_names(comfy, fake_renderer, tmp_path):
-    run_node(dataset_name=str(tmp_path / "elsewhere"))
-    assert comfy.events[-1][1]["done"] == 5 and comfy.events[-1][1]["images"] == []
-
-
 def test_queueing_again_skips_the_images_on_disk_and_shows_the_newest_at_once(comfy, fake_renderer):
     run_node(prompts=[f"prompt {index}" for index in range(9)], dataset_name="mine")
     fake_renderer.calls.clear()
@@ -121,14 +116,23 @@ def test_cancel_stops_between_batches_keeps_finished_images_and_a_requeue_finish
     assert fake_renderer.calls == [[104]]
 
 
-def test_an_absolute_dataset_path_is_used_as_given(comfy, fake_renderer, tmp_path):
-    path, _ = run_node(dataset_name=str(tmp_path / "elsewhere" / "set"))
-    assert path == str(tmp_path / "elsewhere" / "set") and (tmp_path / "elsewhere" / "set" / "000004.png").is_file()
+def test_an_absolute_dataset_path_inside_the_output_folder_is_used_as_given(comfy, fake_renderer):
+    folder = comfy.output_dir / "elsewhere" / "set"
+    path, _ = run_node(dataset_name=str(folder))
+    assert path == str(folder) and (folder / "000004.png").is_file()
+    assert comfy.events[-1][1]["images"][-1] == {"filename": "000004.png", "subfolder": "elsewhere/set",
+                                                 "type": "output"}
+
+
+def test_an_absolute_dataset_path_outside_the_output_folder_is_refused(comfy, fake_renderer, tmp_path):
+    with pytest.raises(ValueError, match=r"dataset_name: .* is outside ComfyUI's output folder"):
+        run_node(dataset_name=str(tmp_path / "elsewhere" / "set"))
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"dataset_name": "../outside"}, r"dataset name: '../outside' is not a plain name"),
-    ({"dataset_name": "a/b"}, r"dataset name: 'a/b' is not a plain name"),
+    ({"dataset_name": "../outside"}, r"dataset_name: '../outside' is not a plain name"),
+    ({"dataset_name": "a/b"}, r"dataset_name: 'a/b' is not a plain name"),
     ({"width": 100}, r"width: 100 pixels; expected a positive multiple of 8"),
     ({"height": 12}, r"height: 12 pixels; expected a positive multiple of 8"),
     ({"width": 0}, r"width: 0 \(auto\): the native size of this model \(object\) is not known"),

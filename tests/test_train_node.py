@@ -43,8 +43,11 @@ def started(monkeypatch) -> list[subprocess.Popen]:
 @pytest.fixture
 def setup(comfy, tmp_path, monkeypatch, tiny_sd1_folder):
     monkeypatch.setenv("SELMA_CACHE_DIR", str(tmp_path / "selma-cache"))  # caches and hashes: not the user's
-    dataset = write_dataset(tmp_path / "dataset", captions=CAPTIONS[:2])
-    return dataset, tiny_sd1_folder
+    dataset = write_dataset(comfy.output_dir / "selma" / "datasets" / "counting", captions=CAPTIONS[:2])
+    model = comfy.models_dir("diffusers") / "tiny-sd1"  # the node loads models from ComfyUI's folders only
+    model.parent.mkdir()
+    model.symlink_to(tiny_sd1_folder, target_is_directory=True)
+    return dataset, model
 
 
 def inputs(dataset: Path, model: Path, **changes) -> dict:
@@ -99,9 +102,9 @@ def test_the_node_streams_progress_cancel_stops_the_trainer_and_queueing_again_r
     assert len(started) == 2 and comfy.progress == []
 
 
-def test_a_failing_trainer_raises_with_its_last_output_lines(comfy, setup, started, tmp_path):
+def test_a_failing_trainer_raises_with_its_last_output_lines(comfy, setup, started):
     dataset, model = setup
-    broken = Path(tmp_path / "broken-model")
+    broken = comfy.models_dir("diffusers") / "broken-model"
     shutil.copytree(model, broken)
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short

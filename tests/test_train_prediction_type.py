@@ -179,8 +179,9 @@ def test_prediction_type_is_one_setting_for_the_cli_the_config_file_and_the_node
     assert spec[0] == ["auto", "epsilon", "v_prediction"]
     assert spec[1]["default"] == "auto" and spec[1]["tooltip"] == help_of(TrainConfig, "prediction_type")
 
-    dataset = write_dataset(tmp_path / "dataset", captions=CAPTIONS[:1])
-    model = synthetic_checkpoint(tmp_path / "v2-1_512-ema-pruned.safetensors", "sd2", spread(0.02))
+    dataset = write_dataset(comfy.output_dir / "selma" / "datasets" / "counting", captions=CAPTIONS[:1])
+    model = synthetic_checkpoint(comfy.models_dir("checkpoints") / "v2-1_512-ema-pruned.safetensors", "sd2",
+                                 spread(0.02))
     with pytest.raises(ValueError, match="prediction_type: 'sample'; expected one of auto, epsilon, v_prediction"):
         SelmaTrainLoraExpert().train(
             dataset_path=str(dataset), base_checkpoint="", lora_name="expert", rank=4, alpha=4.0, learning_rate=3e-4,

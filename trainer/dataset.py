@@ -78,15 +78,16 @@ def caption_path(folder: Path, index: int) -> Path:
     return folder / (image_stem(index) + CAPTION_SUFFIX)
 
 
-def resolve_dataset_folder(name_or_path: str, root: str | os.PathLike[str]) -> Path:
+def resolve_dataset_folder(name_or_path: str, root: str | os.PathLike[str], field: str = "dataset name") -> Path:
     """An absolute path as given, or a plain name under ``root`` (ComfyUI: ``output/selma/datasets``).
 
-    A name with ``..`` or a path separator is refused: names come from widgets and must not escape ``root``.
+    A name with ``..`` or a path separator is refused, naming ``field``: names come from widgets and must not
+    escape ``root``. (The nodes also keep absolute paths inside ComfyUI's folders: ``nodes/folders.py``.)
     """
     text = name_or_path.strip()
     if os.path.isabs(text):
         return Path(text)
-    return Path(root) / check_name(text, "dataset name")
+    return Path(root) / check_name(text, field)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ def _default_file_mode() -> int:
 
 
 _DEFAULT_FILE_MODE = _default_file_mode()
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")  # fullmatch: `$` would let a final newline through
+MAX_NAME = 128
 _TEMPORARY_SUFFIX = ".tmp"
 _TEMPORARY_TAIL = re.compile(r"(\d{1,9})\.[a-z0-9_]{8}")  # <pid>.<mkstemp's 8 random characters>
 
@@ -153,9 +154,13 @@ def check_name(name: str, field: str) -> str:
     Names come from widgets and flags and are joined onto folders we own, so ``..``, path
     separators and absolute paths are refused rather than silently escaping that folder.
     """
-    if not name or not _SAFE_NAME.match(name) or ".." in name:
+    if not name or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        shown = repr(name if len(name) <= 60 else name[:60] + "…")
         raise ValueError(
-            f"{field}: {name!r} is not a plain name; expected letters, digits, '.', '_', '-' or spaces, "
+            f"{field}: {shown} is not a plain name; expected letters, digits, '.', '_', '-' or spaces, "
             "starting with a letter or digit, with no '..' and no path separator"
         )
+    if len(name) > MAX_NAME:
+        raise ValueError(f"{field}: a name of {len(name)} characters; expected at most {MAX_NAME} (the file "
+                         "system's limit, with room for the suffixes and temporary names added to it)")
     return name

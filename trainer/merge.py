@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 SAVE_DTYPES = ("same", "float16", "bfloat16", "float32")
 ARCHITECTURE_CHOICES = ("auto", "sd1", "sd2", "sdxl")
+METHOD_KEY = "selma.merge.method"  # in every merged file's metadata: how a merge is told from other LoRAs
 # Metadata the output keeps when every expert agrees on it (e.g. an SD 2.x-base family or a resolution).
 _SHARED_METADATA = ("modelspec.architecture", "modelspec.implementation", "modelspec.resolution",
                     "modelspec.prediction_type", "ss_base_model_version", "ss_v2")
@@ -198,7 +199,7 @@ def merge_loras(
     rank = Counter(module.rank for module in merged.values()).most_common(1)[0][0]
     alpha = Counter(module.alpha for module in merged.values()).most_common(1)[0][0]
     extra: dict[str, object] = {
-        "selma.merge.method": config.method,
+        METHOD_KEY: config.method,
         "selma.merge.weights": [float(weight) for weight in weights],
         "selma.merge.sources": [Path(expert.source).name for expert in experts],
     }
