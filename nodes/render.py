@@ -39,6 +39,7 @@ from ..trainer.dataset import (
     render_pending,
     resolve_dataset_folder,
 )
+from ..trainer.locks import exclusive_lock
 from ..trainer.model_configs import native_resolution
 from ..trainer.render import RenderConfig, zeros_for_empty_negative
 from ..trainer.settings import default_of, help_of
@@ -135,6 +136,11 @@ class SelmaRenderDataset:
             prompts_file=str(prompts.path) if getattr(prompts, "path", None) else None)
         request.validate()
         folder = resolve_dataset_folder(dataset_name.strip() or prompts.skill, selma_output_path("datasets"))
+        with exclusive_lock(folder):  # a second render into this folder, from anywhere, is refused
+            return self._render_locked(folder, request, model, clip, vae, unique_id)
+
+    def _render_locked(self, folder: Path, request: RenderRequest, model: Any, clip: Any, vae: Any,
+                       unique_id: str | None) -> tuple[str, Any]:
         plan = prepare_dataset(folder, request)
 
         progress = NodeProgress(plan.total, node_id=unique_id)

@@ -170,6 +170,30 @@ def test_accelerate_launch_splits_the_prompts_across_processes_each_writing_its_
             <= TOLERANCE
 
 
+def test_a_second_render_into_a_dataset_being_rendered_is_refused_and_the_first_dataset_survives(tmp_path,
+                                                                                                  tiny_sd1_folder,
+                                                                                                  capsys):
+    first = write_prompt_set(tmp_path / "first.jsonl", PROMPTS[:3])
+    second = write_prompt_set(tmp_path / "second.jsonl", ["a blue ball", "a dog in a park", "three pears"])
+    out = tmp_path / "dataset"
+    small = ["--steps", "1", "--width", "32", "--height", "32", "--batch-size", "1", "--quiet"]
+    second_exit_codes = []
+
+    def start_the_second_render(batch):
+        if not second_exit_codes:  # while the first render holds the folder, after its first image
+            second_exit_codes.append(cli.main(["render", str(second), "--model", str(tiny_sd1_folder), "--out",
+                                               str(out), *small]))
+
+    render_dataset(prompt_set_of(first), out, tiny_sd1_folder, RenderConfig(steps=1, width=32, height=32,
+                                                                             batch_size=1),
+                   show_progress=False, on_batch=start_the_second_render)
+    assert second_exit_codes == [1]
+    assert f"{out}: in use by process {os.getpid()}" in capsys.readouterr().err
+    assert [(out / f"{index:06d}.txt").read_text() for index in range(3)] == PROMPTS[:3]
+    assert json.loads((out / "dataset.json").read_text())["prompts_file"] == str(first)
+    assert not (tmp_path / "dataset.lock").exists()  # released when the render ended
+
+
 def test_other_settings_on_an_existing_dataset_are_refused_by_the_cli(prompt_file, tiny_sd1_folder, uninterrupted,
                                                                       capsys):
     before = sorted(path.stat().st_mtime_ns for path in uninterrupted.iterdir())

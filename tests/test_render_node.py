@@ -149,6 +149,33 @@ def test_other_settings_on_an_existing_dataset_are_refused(comfy, fake_renderer)
     assert fake_renderer.calls == []
 
 
+def test_a_second_render_into_a_dataset_being_rendered_is_refused_and_the_first_dataset_survives(comfy,
+                                                                                                  monkeypatch):
+    import os
+
+    from comfyui_selma.trainer.locks import LockHeldError
+
+    second_render = []
+
+    def renderer_that_queues_a_second_render(model, clip, vae, request):
+        def render(prompts, seeds):
+            if not second_render:  # while the first render holds the folder
+                second_render.append("rendered")
+                try:
+                    run_node(prompts=["a blue ball", "a dog in a park"], dataset_name="shared")
+                except LockHeldError as refusal:
+                    second_render[0] = str(refusal)
+            return [Image.new("RGB", (request.width, request.height)) for _ in seeds]
+        return render
+
+    monkeypatch.setattr(render_node, "comfy_batch_renderer", renderer_that_queues_a_second_render)
+    run_node(dataset_name="shared")
+    folder = comfy.output_dir / "selma" / "datasets" / "shared"
+    assert f"{folder}: in use by process {os.getpid()}" in second_render[0]
+    assert [(folder / f"{index:06d}.txt").read_text() for index in range(5)] == list(PROMPTS)
+    assert not (folder.parent / "shared.lock").exists()
+
+
 def test_a_prompts_input_that_is_not_a_prompt_set_is_refused(comfy, fake_renderer):
     with pytest.raises(DatasetError, match=r"prompts: got list; expected the output of SELMA Skill Prompts"):
         SelmaRenderDataset().render(model=None, clip=None, vae=None, prompts=["a cat"], **SETTINGS)

@@ -19,6 +19,9 @@ one run and finished by another:
 - **Resume.** Rendering skips done images. It continues a folder only when its ``dataset.json``
   records the same settings and every caption on disk is the prompt of its index; anything else is
   refused before rendering, with the difference named.
+- **One writer.** A render holds the folder's lock (``<dataset>.lock`` beside it,
+  :func:`.locks.exclusive_lock`) from its checks to its last image, so a second render into the
+  same folder — node or CLI, this process or another — is refused with "in use by process N".
 
 This module is pure (PIL and numpy only): the engines plug in as a :data:`BatchRenderer`.
 """

@@ -19,6 +19,7 @@ diffusers engine behind ``selma render`` (and ``selma demo``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,12 +38,14 @@ from .dataset import (
     prepare_dataset,
     render_pending,
 )
+from .locks import exclusive_lock
 from .model_loading import checkpoint_family, load_pipeline
 from .prompt_set import PromptSet, PromptSetError, prompt_set_of
 from .settings import add_config_arguments, config_from_arguments, setting
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import PartialState
     from diffusers import DiffusionPipeline
     from PIL import Image
 
@@ -302,6 +305,17 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
     folder = Path(out)
     # Without an accelerator (or when told to use the CPU) processes talk over gloo; accelerate needs cpu=True for that.
     state = PartialState(cpu=(device is not None and torch_device_type(device) == "cpu") or not accelerator_available())
+    # The main process holds the folder's lock for the whole launch: another render into it is refused.
+    with exclusive_lock(folder) if state.is_main_process else contextlib.nullcontext():
+        return _render_locked(folder, model_path, request, state, architecture=architecture,
+                              model_config=model_config, device=device, dtype=dtype, show_progress=show_progress,
+                              on_batch=on_batch)
+
+
+def _render_locked(folder: Path, model_path: Path, request: RenderRequest, state: PartialState, *,
+                   architecture: str | None, model_config: str | os.PathLike[str] | None, device: str | None,
+                   dtype: str, show_progress: bool, on_batch: Callable[[list[int]], None] | None) -> RenderSummary:
+    """:func:`render_dataset` once the main process holds the folder's lock."""
     plan = prepare_dataset(folder, request, write=state.is_main_process)
     state.wait_for_everyone()
     pending = list(pending_indices(folder, plan.total))
@@ -310,7 +324,7 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
 
     rendered: list[int] = []
     if pending:
-        pipeline = load_renderer_pipeline(model_path, device or state.device, dtype=dtype, sampler=config.sampler,
+        pipeline = load_renderer_pipeline(model_path, device or state.device, dtype=dtype, sampler=request.sampler,
                                           architecture=architecture, model_config=model_config)
         renderer = DiffusersRenderer(pipeline, request.width, request.height, request.steps, request.cfg,
                                      request.negative_prompt)
