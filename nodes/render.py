@@ -142,6 +142,8 @@ class SelmaRenderDataset:
     def _render_locked(self, folder: Path, request: RenderRequest, model: Any, clip: Any, vae: Any,
                        unique_id: str | None) -> tuple[str, Any]:
         plan = prepare_dataset(folder, request)
+        for notice in plan.notices:
+            print(f"[SELMA Render Dataset] notice: {notice}")
 
         progress = NodeProgress(plan.total, node_id=unique_id)
         done = plan.done

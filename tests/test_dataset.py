@@ -150,9 +150,32 @@ def test_dataset_json_with_different_settings_is_refused_naming_the_setting(tmp_
     render(folder)
     before = files_of(folder)
     renderer = FakeRenderer()
-    with pytest.raises(DatasetError, match=rf"dataset.json was rendered with different settings.*{setting}:"):
+    with pytest.raises(DatasetError, match=rf"dataset.json was rendered with different settings.*{setting}\b"):
         render(folder, renderer, **{setting: value})
     assert renderer.calls == [] and files_of(folder) == before
+
+
+def test_another_model_fingerprint_is_refused_naming_the_field_and_both_values(tmp_path):
+    folder = tmp_path / "d"
+    render(folder, generator={"engine": "fake", "model": "m.safetensors", "sha256": "aaaa"})
+    before = files_of(folder)
+    with pytest.raises(DatasetError, match=r'generator.sha256: the folder has "aaaa", this run asks "bbbb"'):
+        render(folder, prompts=(*PROMPTS, "a sixth prompt"),
+               generator={"engine": "fake", "model": "m.safetensors", "sha256": "bbbb"})
+    assert files_of(folder) == before
+
+
+def test_a_dataset_recorded_without_a_fingerprint_continues_with_a_notice_and_records_it(tmp_path):
+    folder = tmp_path / "d"
+    render(folder, prompts=PROMPTS[:3], generator={"engine": "fake", "model": "m.safetensors"})  # an older version
+    fingerprinted = {"engine": "fake", "model": "m.safetensors", "sha256": "aaaa"}
+    plan = prepare_dataset(folder, request(generator=fingerprinted))
+    (notice,) = plan.notices
+    assert "records no generator.sha256" in notice and "3 images there were not checked" in notice
+    assert plan.pending == (3, 4)
+    assert json.loads((folder / DATASET_FILE).read_text())["generator"] == fingerprinted
+    with pytest.raises(DatasetError, match=r'generator.sha256: the folder has "aaaa", this run asks "bbbb"'):
+        prepare_dataset(folder, request(generator={**fingerprinted, "sha256": "bbbb"}))
 
 
 def test_a_changed_prompt_set_is_refused(tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from PIL import Image
 
 from comfyui_selma.trainer import cli
 from comfyui_selma.trainer.dataset import DatasetError, pending_indices
+from comfyui_selma.trainer.model_hash import model_sha256
 from comfyui_selma.trainer.prompt_set import PromptRecord, prompt_set_of
 from comfyui_selma.trainer.render import (
     DiffusersRenderer,
@@ -36,6 +39,10 @@ def write_prompt_set(path: Path, prompts=PROMPTS, skill="counting") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(PromptRecord(prompt, skill, "seed", 0.0).to_json() + "\n" for prompt in prompts))
     return path
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 def pixels(path_or_image) -> np.ndarray:
@@ -117,7 +124,9 @@ def test_selma_render_cli_writes_the_dataset_from_a_single_file_checkpoint(tmp_p
     assert exit_code == 0, capsys.readouterr().err
     assert f"5 of 5 images done (0 were already there, 5 rendered" in capsys.readouterr().out
     settings = json.loads((out / "dataset.json").read_text())
-    assert settings["generator"] == {"engine": "diffusers", "model": tiny_sd1_checkpoint.name}
+    assert settings["generator"] == {"engine": "diffusers", "model": tiny_sd1_checkpoint.name,
+                                     "sha256": hashlib.sha256(tiny_sd1_checkpoint.read_bytes()).hexdigest(),
+                                     "model_config_sha256": model_sha256(tiny_sd1_folder)}
     assert (settings["width"], settings["height"]) == (SIZE, SIZE)  # the tiny model's native size
     assert (settings["steps"], settings["cfg"], settings["sampler"], settings["seeds"]) == \
         (STEPS, 7.5, "default", [7, 8, 9, 10, 11])
@@ -192,6 +201,51 @@ def test_a_second_render_into_a_dataset_being_rendered_is_refused_and_the_first_
     assert [(out / f"{index:06d}.txt").read_text() for index in range(3)] == PROMPTS[:3]
     assert json.loads((out / "dataset.json").read_text())["prompts_file"] == str(first)
     assert not (tmp_path / "dataset.lock").exists()  # released when the render ended
+
+
+def test_a_dataset_is_continued_only_by_the_model_file_that_started_it(tmp_path, prompt_file, tiny_sd1_checkpoint,
+                                                                      tiny_sd1_folder, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_sd1_checkpoint, model)
+    started = write_prompt_set(tmp_path / "started.jsonl", PROMPTS[:2])
+    out = tmp_path / "dataset"
+    settings = ["--model", str(model), "--model-config", str(tiny_sd1_folder), "--out", str(out), "--steps", "1",
+                "--width", "32", "--height", "32", "--quiet"]
+    assert cli.main(["render", str(started), *settings]) == 0, capsys.readouterr().err
+    first_sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    generator = json.loads((out / "dataset.json").read_text())["generator"]
+    assert generator == {"engine": "diffusers", "model": "model.safetensors", "sha256": first_sha256,
+                         "model_config_sha256": generator["model_config_sha256"]}
+
+    weights = load_file(model)  # another model under the same file name: a fine-tune of it
+    weights = {name: tensor + 0.01 if name.endswith("out.2.bias") else tensor for name, tensor in weights.items()}
+    save_file(weights, model)
+    other_sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    before = files_of(out)
+    assert cli.main(["render", str(prompt_file), *settings]) == 1
+    assert (f'generator.sha256: the folder has "{first_sha256}", this run asks "{other_sha256}"'
+            in capsys.readouterr().err)
+    assert files_of(out) == before
+
+
+def test_a_dataset_from_before_model_fingerprints_is_continued_with_a_notice(tmp_path, prompt_file, tiny_sd1_folder,
+                                                                             capsys):
+    out = tmp_path / "dataset"
+    settings = ["--model", str(tiny_sd1_folder), "--out", str(out), "--steps", "1", "--width", "32", "--height", "32",
+                "--quiet"]
+    assert cli.main(["render", str(write_prompt_set(tmp_path / "two.jsonl", PROMPTS[:2])), *settings]) == 0
+    recorded = json.loads((out / "dataset.json").read_text())
+    fingerprint = recorded["generator"]
+    recorded["generator"] = {"engine": "diffusers", "model": tiny_sd1_folder.name}  # what older versions wrote
+    (out / "dataset.json").write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert cli.main(["render", str(prompt_file), *settings]) == 0
+    err = capsys.readouterr().err
+    assert "selma render: notice:" in err and "records no generator." in err and "generator.sha256" in err
+    assert json.loads((out / "dataset.json").read_text())["generator"] == fingerprint
+    assert pending_indices(out, len(PROMPTS)) == ()
 
 
 def test_other_settings_on_an_existing_dataset_are_refused_by_the_cli(prompt_file, tiny_sd1_folder, uninterrupted,

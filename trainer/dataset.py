@@ -172,29 +172,45 @@ class RenderRequest:
 
 @dataclass(frozen=True)
 class DatasetPlan:
-    """A checked dataset folder and what is left to render in it."""
+    """A checked dataset folder, what is left to render in it, and what the user should be told first."""
 
     folder: Path
     request: RenderRequest
     pending: tuple[int, ...]
     done: int = field(default=0)
+    notices: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
         return len(self.request.prompts)
 
 
-def _settings_mismatch(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    differences = []
+def _same_value(key: str, old: Any, new: Any) -> bool:
+    if key == "cfg" and isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return math.isclose(old, new, rel_tol=0, abs_tol=1e-6)
+    return old == new
+
+
+def _settings_mismatch(recorded: dict[str, Any], wanted: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The differences that refuse a folder, and the generator fields the folder does not record.
+
+    The generator is compared field by field, so a message says ``generator.sha256`` rather than
+    quoting two whole records. A field this run has and the folder lacks was added by a later
+    version of the pack (the model's SHA-256): it cannot be checked, so it is returned apart.
+    """
+    differences, unrecorded = [], []
     for key in MATCHED_SETTINGS:
         old, new = recorded.get(key), wanted.get(key)
-        if key == "cfg" and isinstance(old, (int, float)) and isinstance(new, (int, float)):
-            same = math.isclose(old, new, rel_tol=0, abs_tol=1e-6)
+        if key == "generator" and isinstance(old, dict) and isinstance(new, dict):
+            pairs = [(f"generator.{field_name}", old.get(field_name), new.get(field_name))
+                     for field_name in sorted(old.keys() | new.keys())]
+            unrecorded += [label for label, _, _ in pairs if label.split(".", 1)[1] not in old]
+            pairs = [pair for pair in pairs if pair[0] not in unrecorded]
         else:
-            same = old == new
-        if not same:
-            differences.append(f"{key}: the folder has {json.dumps(old)}, this run asks {json.dumps(new)}")
-    return differences
+            pairs = [(key, old, new)]
+        differences += [f"{label}: the folder has {json.dumps(old_value)}, this run asks {json.dumps(new_value)}"
+                        for label, old_value, new_value in pairs if not _same_value(key, old_value, new_value)]
+    return differences, unrecorded
 
 
 def _is_leftover(path: Path) -> bool:
@@ -226,28 +242,36 @@ def read_settings(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     return recorded
 
 
-def check_folder(folder: Path, request: RenderRequest) -> None:
+def check_folder(folder: Path, request: RenderRequest) -> list[str]:
     """Refuse a folder this request must not write into; read-only (safe to call from every process).
 
     Accepted: a missing or empty folder, or one whose ``dataset.json`` records the same settings and
-    whose captions are the request's prompts at the same indices.
+    whose captions are the request's prompts at the same indices. A folder from an older version that
+    does not record a generator field (the model's SHA-256) is continued; the returned notices say so.
     """
     if folder.exists() and not folder.is_dir():
         raise DatasetError(f"dataset folder {folder}: exists and is not a folder; expected a folder or a new path")
     if not folder.is_dir():
-        return
+        return []
     recorded = read_settings(folder)
     entries = [path for path in folder.iterdir() if not _is_leftover(path)]
     if recorded is None:
         if entries:
             raise DatasetError(f"dataset folder {folder}: not empty and holds no {DATASET_FILE}, so it is not a "
                                f"SELMA dataset (found {entries[0].name!r}); choose a new name or an empty folder")
-        return
-    differences = _settings_mismatch(recorded, request.settings())
+        return []
+    differences, unrecorded = _settings_mismatch(recorded, request.settings())
     if differences:
         raise DatasetError(f"dataset folder {folder}: {DATASET_FILE} was rendered with different settings, so "
                            "new images would not match the ones there — " + "; ".join(differences)
                            + ". Use the same settings to continue it, or a new dataset name to start another.")
+    notices = []
+    if unrecorded:
+        done = sum(is_done(folder, index) for index in range(len(request.prompts)))
+        fields = " and ".join(unrecorded)
+        notices.append(f"dataset folder {folder}: {DATASET_FILE} records no {fields} (it was written by an older "
+                       f"version), so the {done} images there were not checked against this run's model; continuing, "
+                       f"and recording this run's {fields} from now on")
     for path in sorted(entries):
         index = _dataset_index(path)
         if index is None:
@@ -262,6 +286,7 @@ def check_folder(folder: Path, request: RenderRequest) -> None:
                 raise DatasetError(f"dataset folder {folder}: {path.name} holds the caption {caption[:80]!r} but "
                                    f"prompt {index} is {request.prompts[index][:80]!r}; the prompt set changed since "
                                    "this dataset was rendered. Use a new dataset name.")
+    return notices
 
 
 def check_writable(folder: Path) -> None:
@@ -295,21 +320,28 @@ def pending_indices(folder: Path, count: int) -> tuple[int, ...]:
     return tuple(index for index in range(count) if not is_done(folder, index))
 
 
-def prepare_dataset(folder: str | os.PathLike[str], request: RenderRequest, write: bool = True) -> DatasetPlan:
-    """Validate everything before rendering, then (``write``) create the folder and its ``dataset.json``.
-
-    With ``write=False`` nothing is touched: other processes of a multi-process run check the same
-    things while the main process writes.
-    """
+def plan_dataset(folder: str | os.PathLike[str], request: RenderRequest) -> DatasetPlan:
+    """Validate the request and check the folder; touch nothing (every process of a launch may call it)."""
     folder = Path(folder)
     request.validate()
-    check_folder(folder, request)
-    if write:
-        check_writable(folder)
-        remove_leftovers(folder)
-        atomic_write_json(folder / DATASET_FILE, request.settings())
+    notices = check_folder(folder, request)
     pending = pending_indices(folder, len(request.prompts)) if folder.is_dir() else tuple(range(len(request.prompts)))
-    return DatasetPlan(folder=folder, request=request, pending=pending, done=len(request.prompts) - len(pending))
+    return DatasetPlan(folder=folder, request=request, pending=pending, done=len(request.prompts) - len(pending),
+                       notices=tuple(notices))
+
+
+def start_dataset(plan: DatasetPlan) -> None:
+    """Create the checked folder, clear what killed writes left, and write its ``dataset.json``."""
+    check_writable(plan.folder)
+    remove_leftovers(plan.folder)
+    atomic_write_json(plan.folder / DATASET_FILE, plan.request.settings())
+
+
+def prepare_dataset(folder: str | os.PathLike[str], request: RenderRequest) -> DatasetPlan:
+    """Validate everything before rendering (:func:`plan_dataset`), then :func:`start_dataset`."""
+    plan = plan_dataset(folder, request)
+    start_dataset(plan)
+    return plan
 
 
 def write_image(folder: Path, index: int, image: Image.Image, caption: str) -> None:

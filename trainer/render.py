@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,10 +36,12 @@ from .dataset import (
     RenderRequest,
     float_images_to_pil,
     pending_indices,
-    prepare_dataset,
+    plan_dataset,
     render_pending,
+    start_dataset,
 )
 from .locks import exclusive_lock
+from .model_hash import model_sha256
 from .model_loading import checkpoint_family, load_pipeline
 from .prompt_set import PromptSet, PromptSetError, prompt_set_of
 from .settings import add_config_arguments, config_from_arguments, setting
@@ -273,6 +276,20 @@ class RenderSummary:
                 f"({self.already_done} were already there, {self.rendered_here} rendered by this process)")
 
 
+def diffusers_generator(model_path: Path, model_config: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """How ``dataset.json`` names the model: its file name and the SHA-256 of its content.
+
+    The SHA-256 (:func:`.model_hash.model_sha256`: of the file, or of a folder's files) is what a
+    resumed render is checked against, so another model saved under the same name is refused. It is
+    the hash LoRA metadata and model sites use, computed once per file version and remembered. A
+    single file loaded with ``--model-config`` records that folder's hash too: its configs shape the
+    model and its scheduler (None: the shipped configs, and always for a folder model).
+    """
+    config_sha256 = model_sha256(model_config) if model_config is not None and not model_path.is_dir() else None
+    return {"engine": "diffusers", "model": model_path.name, "sha256": model_sha256(model_path),
+            "model_config_sha256": config_sha256}
+
+
 def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: str | os.PathLike[str],
                    config: RenderConfig | None = None, *, architecture: str | None = None,
                    model_config: str | os.PathLike[str] | None = None, device: str | None = None,
@@ -280,9 +297,10 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
                    on_batch: Callable[[list[int]], None] | None = None) -> RenderSummary:
     """Render ``prompt_set`` into the dataset folder ``out`` with the model at ``model``; resumable.
 
-    Every check (prompts, sizes, the folder and its ``dataset.json``) runs before the model loads.
-    In a multi-process launch each process renders its share of the pending images; ``device``
-    defaults to the process's accelerate device.
+    Every check (prompts, sizes, the model, the folder and its ``dataset.json``) runs before the
+    model loads, and ``dataset.json`` is written only once it has loaded. In a multi-process launch
+    each process renders its share of the pending images; ``device`` defaults to the process's
+    accelerate device. Notices (a dataset from an older version) go to stderr.
     """
     from accelerate import PartialState
 
@@ -294,6 +312,9 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
     if not model_path.exists():
         raise DatasetError(f"model: {model_path} does not exist; expected a diffusers folder or a .safetensors "
                            "checkpoint")
+    if model_config is not None and not Path(model_config).is_dir():
+        raise DatasetError(f"model-config: {model_config} is not a folder; expected a diffusers folder describing "
+                           "the checkpoint's shapes")
     size = None if config.width and config.height else native_size(model_path, architecture, model_config)
     request = RenderRequest(
         prompts=tuple(prompt_set.prompts), skill=prompt_set.skill,
@@ -302,6 +323,8 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
         width=config.width or size, height=config.height or size, negative_prompt=config.negative_prompt,
         seed=config.seed, batch_size=config.batch_size,
         prompts_file=str(prompt_set.path) if prompt_set.path else None)
+    request.validate()  # the settings first: hashing a large model takes a moment
+    request = dataclasses.replace(request, generator=diffusers_generator(model_path, model_config))
     folder = Path(out)
     # Without an accelerator (or when told to use the CPU) processes talk over gloo; accelerate needs cpu=True for that.
     state = PartialState(cpu=(device is not None and torch_device_type(device) == "cpu") or not accelerator_available())
@@ -316,19 +339,22 @@ def _render_locked(folder: Path, model_path: Path, request: RenderRequest, state
                    architecture: str | None, model_config: str | os.PathLike[str] | None, device: str | None,
                    dtype: str, show_progress: bool, on_batch: Callable[[list[int]], None] | None) -> RenderSummary:
     """:func:`render_dataset` once the main process holds the folder's lock."""
-    plan = prepare_dataset(folder, request, write=state.is_main_process)
-    state.wait_for_everyone()
-    pending = list(pending_indices(folder, plan.total))
-    already_done = plan.total - len(pending)
-    state.wait_for_everyone()  # every process has listed what is pending before anyone writes
-
-    rendered: list[int] = []
-    if pending:
+    plan = plan_dataset(folder, request)
+    renderer = None
+    if plan.pending:  # loaded before anything is written: a model that fails to load leaves no trace
         pipeline = load_renderer_pipeline(model_path, device or state.device, dtype=dtype, sampler=request.sampler,
                                           architecture=architecture, model_config=model_config)
         renderer = DiffusersRenderer(pipeline, request.width, request.height, request.steps, request.cfg,
                                      request.negative_prompt)
-        with state.split_between_processes(pending) as my_share:
+    if state.is_main_process:
+        for notice in plan.notices:
+            print(f"selma render: notice: {notice}", file=sys.stderr)
+        start_dataset(plan)
+    state.wait_for_everyone()  # every process has listed what is pending before anyone writes an image
+
+    rendered: list[int] = []
+    if renderer is not None:
+        with state.split_between_processes(list(plan.pending)) as my_share:
             progress_bar = None
             if show_progress and state.is_main_process:
                 from tqdm.auto import tqdm
@@ -348,7 +374,7 @@ def _render_locked(folder: Path, model_path: Path, request: RenderRequest, state
                     progress_bar.close()
     state.wait_for_everyone()
     done_now = plan.total - len(pending_indices(folder, plan.total))
-    return RenderSummary(folder=folder, total=plan.total, already_done=already_done, rendered_here=len(rendered),
+    return RenderSummary(folder=folder, total=plan.total, already_done=plan.done, rendered_here=len(rendered),
                          done_now=done_now)
 
 
