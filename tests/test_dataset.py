@@ -19,6 +19,7 @@ from PIL import Image
 
 from comfyui_selma.trainer.dataset import (
     DATASET_FILE,
+    batches,
     DatasetError,
     RenderRequest,
     done_image_paths,
@@ -37,11 +38,20 @@ def fake_image(prompt: str, seed: int, size: tuple[int, int] = (16, 8)) -> Image
     return Image.new("RGB", size, tuple(colour))
 
 
+def fake_conditioning_length(prompt: str) -> int:
+    """77 tokens per 40 characters begun: what a long prompt's CLIP chunks are to a real engine."""
+    return 77 * (1 + len(prompt) // 40)
+
+
 class FakeRenderer:
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], list[int]]] = []
 
+    def conditioning_length(self, prompt: str) -> int:
+        return fake_conditioning_length(prompt)
+
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        assert len({self.conditioning_length(prompt) for prompt in prompts}) == 1, "a batch of mixed lengths"
         self.calls.append((prompts, seeds))
         return [fake_image(prompt, seed) for prompt, seed in zip(prompts, seeds)]
 
@@ -91,6 +101,24 @@ def test_prompts_are_batched_in_calls_of_batch_size_with_their_own_seeds(tmp_pat
     renderer = FakeRenderer()
     render(tmp_path / "d", renderer, batch_size=2)
     assert [seeds for _, seeds in renderer.calls] == [[100, 101], [102, 103], [104]]
+
+
+def test_a_batch_holds_prompts_of_one_conditioning_length_filled_in_index_order():
+    lengths = {0: 77, 1: 154, 2: 77, 3: 231, 4: 77, 5: 154, 6: 77, 7: 77}
+    assert list(batches(range(8), 3, lengths)) == [[0, 2, 4], [1, 5], [3], [6, 7]]
+    assert list(batches([5, 6, 7], 2, lengths)) == [[6, 7], [5]]
+    assert list(batches(range(8), 1, lengths)) == [[index] for index in range(8)]
+    assert list(batches([], 4, lengths)) == []
+
+
+def test_prompts_of_different_lengths_are_rendered_in_batches_of_one_length(tmp_path):
+    prompts = ("a red cube", "a long caption that runs past forty characters", "two green apples",
+               "another caption that runs well past forty characters", "a boat")
+    renderer = FakeRenderer()
+    written, _ = render(tmp_path / "d", renderer, prompts=prompts, batch_size=2)
+    assert [seeds for _, seeds in renderer.calls] == [[100, 102], [101, 103], [104]]
+    assert sorted(written) == [0, 1, 2, 3, 4]
+    assert [(tmp_path / "d" / f"{index:06d}.txt").read_text() for index in range(5)] == list(prompts)
 
 
 def test_rerun_skips_images_already_on_disk(tmp_path):
@@ -247,7 +275,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_dataset import fake_image, request
+    from test_dataset import FakeRenderer, request
     from comfyui_selma.trainer.dataset import prepare_dataset, render_pending
 
     class DiesWhileWriting:
@@ -260,13 +288,14 @@ KILLED_RUN = textwrap.dedent("""
             stream.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def renderer(prompts, seeds):
-        images = [fake_image(prompt, seed) for prompt, seed in zip(prompts, seeds)]
-        if 102 in seeds:
-            images[seeds.index(102)] = DiesWhileWriting(images[seeds.index(102)])
-        return images
+    class DiesAtImage2(FakeRenderer):
+        def __call__(self, prompts, seeds):
+            images = super().__call__(prompts, seeds)
+            if 102 in seeds:
+                images[seeds.index(102)] = DiesWhileWriting(images[seeds.index(102)])
+            return images
 
-    render_pending(prepare_dataset(Path({folder!r}), request()), renderer)
+    render_pending(prepare_dataset(Path({folder!r}), request()), DiesAtImage2())
 """)
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from comfyui_selma.trainer import cli
-from comfyui_selma.trainer.dataset import DatasetError, pending_indices
+from comfyui_selma.trainer.dataset import DatasetError, RenderRequest, pending_indices, prepare_dataset, render_pending
 from comfyui_selma.trainer.model_hash import model_sha256
 from comfyui_selma.trainer.prompt_set import PromptRecord, prompt_set_of
 from comfyui_selma.trainer.render import (
@@ -80,13 +80,37 @@ def test_short_prompts_encode_exactly_as_diffusers_and_long_ones_in_77_token_chu
 def test_an_image_is_the_same_alone_or_in_a_batch_of_4(architecture, sampler, request):
     pipeline = load_renderer_pipeline(request.getfixturevalue(f"tiny_{architecture}_folder"), "cpu", sampler=sampler)
     renderer = DiffusersRenderer(pipeline, SIZE, SIZE, STEPS, 7.5, negative_prompt="blurry")
-    prompts, seeds = PROMPTS[:4], [7, 8, 9, 10]  # one long prompt: the batch is padded to 2 chunks
+    prompts, seeds = [PROMPTS[0], *PROMPTS[2:]], [7, 8, 9, 10]
     together = renderer(prompts, seeds)
     for index in range(4):
         alone = renderer([prompts[index]], [seeds[index]])[0]
         assert np.abs(pixels(together[index]) - pixels(alone)).max() <= TOLERANCE, f"image {index}"
     assert np.abs(pixels(together[0]) - pixels(renderer([prompts[0]], [8])[0])).max() > TOLERANCE, \
         "another seed gave the same image"
+
+
+def test_prompts_of_different_lengths_never_share_a_sampler_call_and_match_their_images_alone(tmp_path,
+                                                                                             tiny_sd1_folder):
+    pipeline = load_renderer_pipeline(tiny_sd1_folder, "cpu", sampler="euler")
+    renderer = DiffusersRenderer(pipeline, 32, 32, 1, 7.5, negative_prompt="blurry")
+    phrases = ("a red cube on a wooden table", "two green apples in a bowl")  # 7 and 6 tokens
+    prompts = [" ".join([phrase] * repeats) for phrase in phrases for repeats in (1, 14, 30)]
+    assert [renderer.conditioning_length(prompt) // 77 for prompt in prompts] == [1, 2, 3, 1, 2, 3]  # chunks
+    conditioning_shapes = []
+    pipeline.unet.register_forward_pre_hook(
+        lambda unet, args, kwargs: conditioning_shapes.append(tuple(kwargs["encoder_hidden_states"].shape[:2])),
+        with_kwargs=True)
+    request = RenderRequest(prompts=tuple(prompts), skill="counting", generator={"engine": "diffusers", "model": "t"},
+                            sampler="euler", scheduler=None, steps=1, cfg=7.5, width=32, height=32,
+                            negative_prompt="blurry", seed=7, batch_size=3)
+    render_pending(prepare_dataset(tmp_path / "d", request), renderer)
+    # one sampler step per batch, prompt and negative together: a batch per length, no 6-chunk (LCM) tensor
+    assert sorted(conditioning_shapes) == [(4, 77), (4, 154), (4, 231)]
+    for index, prompt in enumerate(prompts):
+        alone = renderer([prompt], [7 + index])[0]
+        assert np.abs(pixels(tmp_path / "d" / f"{index:06d}.png") - pixels(alone)).max() <= TOLERANCE, index
+    with pytest.raises(ValueError, match=r"conditionings of \[77, 154, 231\] tokens; expected one length"):
+        renderer(prompts[:3], [7, 8, 9])
 
 
 @pytest.mark.parametrize("architecture", ["sd1", "sdxl"])

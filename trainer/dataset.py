@@ -32,10 +32,10 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .files import atomic_open, atomic_write_json, check_name
 
@@ -55,8 +55,22 @@ CAPTION_SUFFIX = ".txt"
 MATCHED_SETTINGS = ("skill", "generator", "sampler", "scheduler", "steps", "cfg", "width", "height",
                     "negative_prompt", "seed")
 
-# (prompts of one batch, their seeds) -> one image per prompt, in order, each width x height.
-BatchRenderer = Callable[[list[str], list[int]], list["Image.Image"]]
+
+
+class BatchRenderer(Protocol):
+    """An engine: renders a batch of prompts in one sampler call.
+
+    Prompts of different conditioning lengths (77 tokens per CLIP chunk) could only share a call by
+    padding each to the least common multiple of their lengths — for 29, 31 and 33 chunks that is
+    29,667 chunks per prompt — so :func:`render_pending` batches only prompts of one length, told by
+    :meth:`conditioning_length`; a renderer may refuse a mixed batch.
+    """
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """One image per prompt, in order, each width x height, image i from ``seeds[i]`` alone."""
+
+    def conditioning_length(self, prompt: str) -> int:
+        """The length of the prompt's text conditioning in tokens (77 per CLIP chunk); no encoding needed."""
 
 
 class DatasetError(ValueError):
@@ -352,22 +366,36 @@ def write_image(folder: Path, index: int, image: Image.Image, caption: str) -> N
         stream.write(caption)
 
 
-def batches(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(indices), batch_size):
-        yield list(indices[start:start + batch_size])
+def batches(indices: Sequence[int], batch_size: int, lengths: Mapping[int, int]) -> Iterator[list[int]]:
+    """Split ``indices`` into batches of at most ``batch_size`` whose prompts share a conditioning length.
+
+    Batches fill in index order, one open batch per length; a full batch is yielded at once, the
+    partial ones at the end, in the order of their first index. Every batch then costs what its
+    images cost one by one: no prompt is padded for another's sake.
+    """
+    open_batches: dict[int, list[int]] = {}
+    for index in indices:
+        batch = open_batches.setdefault(lengths[index], [])
+        batch.append(index)
+        if len(batch) == batch_size:
+            yield open_batches.pop(lengths[index])
+    yield from open_batches.values()  # a length's batch re-enters the dict when it restarts: first-index order
 
 
 def render_pending(plan: DatasetPlan, render_batch: BatchRenderer, indices: Sequence[int] | None = None,
                    on_batch: Callable[[list[int]], None] | None = None) -> list[int]:
-    """Render ``indices`` (default: all pending) in batches of the request's size; return those written.
+    """Render ``indices`` (default: all pending) in batches of at most the request's size, each of
+    prompts that share a conditioning length (:func:`batches`); return the indices written.
 
     Each batch is written before ``on_batch`` is called with its indices, so a progress callback that
     raises (ComfyUI's cancel, Ctrl-C) loses nothing finished.
     """
     request = plan.request
     seeds = request.seeds
+    indices = plan.pending if indices is None else indices
+    lengths = {index: render_batch.conditioning_length(request.prompts[index]) for index in indices}
     written: list[int] = []
-    for batch in batches(plan.pending if indices is None else indices, request.batch_size):
+    for batch in batches(indices, request.batch_size, lengths):
         images = render_batch([request.prompts[index] for index in batch], [seeds[index] for index in batch])
         if len(images) != len(batch):
             raise RuntimeError(f"the renderer returned {len(images)} images for a batch of {len(batch)} prompts")

@@ -9,9 +9,9 @@ diffusers engine behind ``selma render`` (and ``selma demo``):
   by the dataset rule, so an image is the same alone or in a batch;
 - prompts longer than CLIP's 75 tokens are split into 77-token chunks the way ComfyUI splits them
   (at word boundaries, words of up to 8 tokens kept whole), each chunk encoded alone and the
-  results concatenated; the pooled embedding (SDXL) is the first chunk's. Prompts of different
-  lengths in one batch are padded by repeating their embeddings to a common length, which leaves
-  cross-attention unchanged (ComfyUI pads batched conditioning the same way);
+  results concatenated; the pooled embedding (SDXL) is the first chunk's. Only prompts of one
+  length share a batch (:func:`.dataset.batches`); the negative prompt and the prompts are
+  repeated to a common length, which leaves cross-attention unchanged (ComfyUI pads the same way);
 - under ``accelerate launch --num_processes N`` the pending prompts are split across processes with
   accelerate's ``split_between_processes``; each process writes only its own images.
 """
@@ -181,11 +181,23 @@ class DiffusersRenderer:
             negative = PromptEmbedding(torch.zeros_like(negative.hidden), torch.zeros_like(negative.pooled))
         self.negative = negative
 
+    def conditioning_length(self, prompt: str) -> int:
+        """Tokens of :func:`encode_prompt`'s output for ``prompt``: 77 per chunk (SDXL: the shorter encoder's)."""
+        tokenizers = [self.pipeline.tokenizer] + ([self.pipeline.tokenizer_2] if _is_xl(self.pipeline) else [])
+        return min(len(caption_pieces(tokenizer, prompt)) * tokenizer.model_max_length for tokenizer in tokenizers)
+
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """Render prompts of one conditioning length; a mixed batch is refused rather than padded to the
+        least common multiple of its lengths (:func:`.dataset.batches` groups them)."""
         import torch
 
         embeddings = [encode_prompt(self.pipeline, prompt) for prompt in prompts]
-        length = math.lcm(self.negative.hidden.shape[1], *(embedding.hidden.shape[1] for embedding in embeddings))
+        lengths = sorted({embedding.hidden.shape[1] for embedding in embeddings})
+        if len(lengths) > 1:
+            raise ValueError(f"a batch of prompts with conditionings of {lengths} tokens; expected one length per "
+                             "batch (trainer.dataset.batches groups them)")
+        # diffusers needs the negative as long as the prompts: repeat both to a common length (as one by one)
+        length = math.lcm(self.negative.hidden.shape[1], lengths[0])
         positive = torch.cat([repeat_to_length(embedding.hidden, length) for embedding in embeddings])
         negative = repeat_to_length(self.negative.hidden, length).repeat(len(prompts), 1, 1)
         arguments: dict[str, Any] = {"prompt_embeds": positive, "negative_prompt_embeds": negative}
