@@ -14,12 +14,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from comfyui_selma.trainer.dataset import (
     DATASET_FILE,
+    NonFiniteImages,
     batches,
+    float_images_to_pil,
     DatasetError,
     RenderRequest,
     done_image_paths,
@@ -119,6 +122,35 @@ def test_prompts_of_different_lengths_are_rendered_in_batches_of_one_length(tmp_
     assert [seeds for _, seeds in renderer.calls] == [[100, 102], [101, 103], [104]]
     assert sorted(written) == [0, 1, 2, 3, 4]
     assert [(tmp_path / "d" / f"{index:06d}.txt").read_text() for index in range(5)] == list(prompts)
+
+
+class NonFiniteAfterFirstBatch(FakeRenderer):
+    """Decodes like an engine (floats → :func:`float_images_to_pil`); from the second batch on the model gives NaN."""
+
+    def __call__(self, prompts, seeds):
+        pixels = np.full((len(prompts), 8, 16, 3), 0.5 if not self.calls else np.nan, dtype=np.float32)
+        if self.calls:
+            pixels[:, 0, 0, 0] = 0.5  # NaN in all but one pixel: a black image once clipped
+        self.calls.append((prompts, seeds))
+        return float_images_to_pil(pixels)
+
+
+def test_non_finite_pixels_stop_the_render_naming_the_model_and_the_batch_is_not_recorded(tmp_path):
+    folder = tmp_path / "d"
+    with pytest.raises(DatasetError, match=r"model 'm': rendered NaN or infinite pixels for prompts 2, 3 "
+                                           r"\(000002.png, 000003.png\).*not written"):
+        render(folder, NonFiniteAfterFirstBatch(), batch_size=2)
+    assert pending_indices(folder, len(PROMPTS)) == (2, 3, 4)
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_decoding_refuses_non_finite_pixels_rather_than_clipping_them_to_black(value):
+    pixels = np.zeros((3, 2, 2, 3), dtype=np.float32)
+    pixels[1, 1, 0, 2] = value
+    with pytest.raises(NonFiniteImages) as refusal:
+        float_images_to_pil(pixels)
+    assert refusal.value.positions == (1,)
 
 
 def test_rerun_skips_images_already_on_disk(tmp_path):

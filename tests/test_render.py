@@ -311,6 +311,57 @@ def test_missing_model_empty_prompt_set_and_pickles_are_refused_with_a_clear_err
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("device", "message"), [
+    ("foo", "device: 'foo' is not a device torch knows; expected e.g. cpu, cuda, cuda:1 or mps"),
+    ("cuda:99", "device: 'cuda:99' is not available on this machine ("),
+])
+def test_a_device_that_does_not_exist_is_refused_before_anything_is_written(tmp_path, prompt_file, tiny_sd1_folder,
+                                                                            capsys, device, message):
+    out = tmp_path / "dataset"
+    assert cli.main(["render", str(prompt_file), "--model", str(tiny_sd1_folder), "--out", str(out), "--device",
+                     device, "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_corrupt_checkpoint_or_a_pickle_named_safetensors_is_refused_before_anything_is_written(tmp_path,
+                                                                                                 prompt_file, capsys):
+    import torch
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    renamed_pickle = tmp_path / "renamed.safetensors"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, renamed_pickle)  # a .ckpt, renamed
+    out = tmp_path / "dataset"
+    for model, hint in ((corrupt, ""), (renamed_pickle, "it looks like a pickle (.ckpt) renamed .safetensors")):
+        assert cli.main(["render", str(prompt_file), "--model", str(model), "--out", str(out), "--steps", "1",
+                         "--width", "32", "--height", "32", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert f"model: {model} is not a readable .safetensors checkpoint" in err and hint in err
+        assert "Traceback" not in err
+        assert not out.exists()  # no stray dataset.json
+
+
+def test_a_model_that_renders_nan_stops_with_an_error_naming_it_and_records_no_image(tmp_path, prompt_file,
+                                                                                     tiny_sd1_checkpoint,
+                                                                                     tiny_sd1_folder, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tiny_sd1_checkpoint)
+    weights["model.diffusion_model.out.2.bias"].fill_(float("nan"))  # a broken fine-tune
+    broken = tmp_path / "broken.safetensors"
+    save_file(weights, broken)
+    out = tmp_path / "dataset"
+    assert cli.main(["render", str(prompt_file), "--model", str(broken), "--model-config", str(tiny_sd1_folder),
+                     "--out", str(out), "--steps", "1", "--width", "32", "--height", "32", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "model 'broken.safetensors': rendered NaN or infinite pixels for prompts 0, 2, 3, 4" in err  # the short ones
+    assert "Traceback" not in err
+    assert pending_indices(out, len(PROMPTS)) == tuple(range(len(PROMPTS)))
+    assert not list(out.glob("*.png"))
+
+
 def test_render_help_lists_the_paper_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["render", "--help"])

@@ -188,6 +188,22 @@ def test_a_second_render_into_a_dataset_being_rendered_is_refused_and_the_first_
     assert not (folder.parent / "shared.lock").exists()
 
 
+def test_a_model_that_decodes_to_nan_stops_the_node_naming_it_and_records_no_image(comfy, monkeypatch):
+    import numpy as np
+
+    from comfyui_selma.trainer.dataset import float_images_to_pil
+
+    class DecodesToNan(FlatImages):  # what ComfyBatchRenderer does with a VAE's NaN output
+        def __call__(self, prompts, seeds):
+            return float_images_to_pil(np.full((len(prompts), self.size[1], self.size[0], 3), np.nan))
+
+    monkeypatch.setattr(render_node, "ComfyBatchRenderer",
+                        lambda model, clip, vae, request: DecodesToNan(request, []))
+    with pytest.raises(DatasetError, match=r"model 'SD15': rendered NaN or infinite pixels for prompts 0, 1"):
+        run_node(model=comfy_model(SD15))
+    assert not list((comfy.output_dir / "selma" / "datasets" / "counting").glob("*.png"))
+
+
 def test_a_prompts_input_that_is_not_a_prompt_set_is_refused(comfy, fake_renderer):
     with pytest.raises(DatasetError, match=r"prompts: got list; expected the output of SELMA Skill Prompts"):
         SelmaRenderDataset().render(model=None, clip=None, vae=None, prompts=["a cat"], **SETTINGS)

@@ -77,6 +77,14 @@ class DatasetError(ValueError):
     """A render request or dataset folder that cannot be used; the message names what and why."""
 
 
+class NonFiniteImages(DatasetError):
+    """A renderer decoded NaN or infinite pixels; ``positions`` are the images' places in their batch."""
+
+    def __init__(self, positions: tuple[int, ...]) -> None:
+        super().__init__(f"NaN or infinite pixels in the images at batch positions {list(positions)}")
+        self.positions = positions
+
+
 def image_seed(seed: int, index: int) -> int:
     """The seed of image ``index`` in a dataset rendered with base ``seed``."""
     return (seed + index) % SEED_MODULUS
@@ -396,7 +404,16 @@ def render_pending(plan: DatasetPlan, render_batch: BatchRenderer, indices: Sequ
     lengths = {index: render_batch.conditioning_length(request.prompts[index]) for index in indices}
     written: list[int] = []
     for batch in batches(indices, request.batch_size, lengths):
-        images = render_batch([request.prompts[index] for index in batch], [seeds[index] for index in batch])
+        try:
+            images = render_batch([request.prompts[index] for index in batch], [seeds[index] for index in batch])
+        except NonFiniteImages as error:
+            bad = [batch[position] for position in error.positions]
+            raise DatasetError(
+                f"model {request.generator.get('model')!r}: rendered NaN or infinite pixels for prompts "
+                f"{', '.join(map(str, bad))} ({', '.join(image_path(plan.folder, index).name for index in bad)}), "
+                "which would be black images; its weights hold NaN or infinite values, or it overflows at this "
+                "precision (try float32). That batch was not written; images finished before it are kept."
+            ) from None
         if len(images) != len(batch):
             raise RuntimeError(f"the renderer returned {len(images)} images for a batch of {len(batch)} prompts")
         for index, image in zip(batch, images):
@@ -411,11 +428,19 @@ def render_pending(plan: DatasetPlan, render_batch: BatchRenderer, indices: Sequ
 
 
 def float_images_to_pil(images: np.ndarray) -> list[Image.Image]:
-    """``[batch, height, width, 3]`` floats in [0, 1] → 8-bit RGB images (rounded, as diffusers does)."""
+    """``[batch, height, width, 3]`` floats in [0, 1] → 8-bit RGB images (rounded, as diffusers does).
+
+    Raises :class:`NonFiniteImages` when a pixel is NaN or infinite: clipped, it would be a black
+    image written as done (a model with NaN weights, or one that overflows at half precision).
+    """
     import numpy as np
     from PIL import Image
 
-    pixels = (np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    pixels = np.asarray(images, dtype=np.float32)
+    finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
+    if not finite.all():
+        raise NonFiniteImages(tuple(int(position) for position in np.flatnonzero(~finite)))
+    pixels = (np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return [Image.fromarray(pixel_rows) for pixel_rows in pixels]
 
 

@@ -219,6 +219,43 @@ def torch_device_type(device: str) -> str:
     return torch.device(device).type
 
 
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` torch does not know, or that this machine lacks, before anything is written."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DatasetError(f"device: {device!r} is not a device torch knows; expected e.g. cpu, cuda, cuda:1 or "
+                           "mps") from None
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, ValueError) as error:  # a CPU-only torch asserts on cuda
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        available = "cuda" if torch.cuda.is_available() else "cpu"
+        raise DatasetError(f"device: {device!r} is not available on this machine ({reason}); expected a device it "
+                           f"has, e.g. {available}") from None
+
+
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, a bare pickle
+
+
+def check_checkpoint(path: Path, architecture: str | None) -> None:
+    """Read a single file's header and family before anything is written: a corrupt file, or a pickle
+    renamed ``.safetensors`` (never unpickled), is refused naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        checkpoint_family(path, architecture)
+    except SafetensorError as error:
+        with path.open("rb") as stream:
+            start = stream.read(4)
+        hint = ("; it looks like a pickle (.ckpt) renamed .safetensors, and pickles are never loaded"
+                if start.startswith(_PICKLE_MAGIC) else "")
+        raise DatasetError(f"model: {path} is not a readable .safetensors checkpoint ({error}){hint}; expected a "
+                           "file saved by safetensors") from None
+
+
 def accelerator_available() -> bool:
     """Whether torch sees a GPU (CUDA, ROCm, XPU, MPS…)."""
     import torch
@@ -327,6 +364,10 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
     if model_config is not None and not Path(model_config).is_dir():
         raise DatasetError(f"model-config: {model_config} is not a folder; expected a diffusers folder describing "
                            "the checkpoint's shapes")
+    if device is not None:
+        check_device(device)
+    if model_path.is_file():
+        check_checkpoint(model_path, architecture)
     size = None if config.width and config.height else native_size(model_path, architecture, model_config)
     request = RenderRequest(
         prompts=tuple(prompt_set.prompts), skill=prompt_set.skill,
@@ -354,8 +395,15 @@ def _render_locked(folder: Path, model_path: Path, request: RenderRequest, state
     plan = plan_dataset(folder, request)
     renderer = None
     if plan.pending:  # loaded before anything is written: a model that fails to load leaves no trace
-        pipeline = load_renderer_pipeline(model_path, device or state.device, dtype=dtype, sampler=request.sampler,
-                                          architecture=architecture, model_config=model_config)
+        from safetensors import SafetensorError
+
+        try:
+            pipeline = load_renderer_pipeline(model_path, device or state.device, dtype=dtype,
+                                              sampler=request.sampler, architecture=architecture,
+                                              model_config=model_config)
+        except SafetensorError as error:  # a folder's weights file
+            raise DatasetError(f"model: {model_path} holds a weights file that is not readable safetensors "
+                               f"({error}); expected files saved by safetensors") from None
         renderer = DiffusersRenderer(pipeline, request.width, request.height, request.steps, request.cfg,
                                      request.negative_prompt)
     if state.is_main_process:
