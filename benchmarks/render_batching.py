@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from comfyui_selma.trainer.dataset import batches
 from comfyui_selma.trainer.prompt_set import prompt_set_of
 from comfyui_selma.trainer.prompts import PromptConfig, expand_prompts
 from comfyui_selma.trainer.render import DiffusersRenderer, load_renderer_pipeline
@@ -60,11 +61,11 @@ def diffusers_rate(renderer: DiffusersRenderer, prompts: list[str], batch_size: 
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    lengths = {index: renderer.conditioning_length(prompt) for index, prompt in enumerate(prompts)}
     sync()
     start = time.perf_counter()
-    for offset in range(0, len(prompts), batch_size):
-        batch = prompts[offset:offset + batch_size]
-        renderer(batch, list(range(offset, offset + len(batch))))
+    for batch in batches(range(len(prompts)), batch_size, lengths):  # as selma render batches them
+        renderer([prompts[index] for index in batch], batch)
     sync()
     return len(prompts) / (time.perf_counter() - start)
 
@@ -74,7 +75,7 @@ def diffusers_rows(arguments: argparse.Namespace, scratch: Path) -> list[dict]:
     prompts = template_prompts(arguments.prompts, scratch)
     pipeline = load_renderer_pipeline(model, arguments.device, arguments.dtype)
     renderer = DiffusersRenderer(pipeline, arguments.size, arguments.size, arguments.steps, cfg=7.5)
-    renderer(prompts[:max(BATCH_SIZES)], list(range(max(BATCH_SIZES))))  # warm-up: allocator, kernels
+    diffusers_rate(renderer, prompts[:max(BATCH_SIZES)], max(BATCH_SIZES), arguments.device)  # warm-up
     best = {batch_size: 0.0 for batch_size in BATCH_SIZES}
     for _ in range(arguments.repeats):
         for batch_size in BATCH_SIZES:

@@ -23,13 +23,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from ..trainer.dataset import (
-    BatchRenderer,
     DatasetError,
     RenderRequest,
     done_image_paths,
@@ -38,6 +36,7 @@ from ..trainer.dataset import (
     prepare_dataset,
     render_pending,
 )
+from ..trainer.locks import exclusive_lock
 from ..trainer.model_configs import native_resolution
 from ..trainer.render import RenderConfig, zeros_for_empty_negative
 from ..trainer.settings import default_of, help_of
@@ -135,7 +134,14 @@ class SelmaRenderDataset:
             prompts_file=str(prompts.path) if getattr(prompts, "path", None) else None)
         request.validate()
         folder = dataset_folder(dataset_name.strip() or prompts.skill, "dataset_name", writing=True)
+        with exclusive_lock(folder):  # a second render into this folder, from anywhere, is refused
+            return self._render_locked(folder, request, model, clip, vae, unique_id)
+
+    def _render_locked(self, folder: Path, request: RenderRequest, model: Any, clip: Any, vae: Any,
+                       unique_id: str | None) -> tuple[str, Any]:
         plan = prepare_dataset(folder, request)
+        for notice in plan.notices:
+            print(f"[SELMA Render Dataset] notice: {notice}")
 
         progress = NodeProgress(plan.total, node_id=unique_id)
         done = plan.done
@@ -155,7 +161,7 @@ class SelmaRenderDataset:
             progress.update(done)  # raises on cancel; the batch is already on disk
 
         if plan.pending:
-            render_pending(plan, comfy_batch_renderer(model, clip, vae, request), on_batch=report)
+            render_pending(plan, ComfyBatchRenderer(model, clip, vae, request), on_batch=report)
         print(f"[SELMA Render Dataset] {folder}: {plan.total} images ({plan.done} were already there)")
         return str(folder), preview_tensor(folder)
 
@@ -282,21 +288,27 @@ def _encode(clip: Any, text: str) -> dict[str, Any]:
     return clip.encode_from_tokens(clip.tokenize(_escape_weights(text)), return_pooled=True, return_dict=True)
 
 
-def _repeat_to(cond: Any, length: int) -> Any:
-    return cond if cond.shape[1] == length else cond.repeat(1, length // cond.shape[1], 1)
+def conditioning_length(clip: Any, prompt: str) -> int:
+    """Tokens of the conditioning ComfyUI's CLIP makes of ``prompt``: 77 per chunk its tokenizer cuts
+    (SDXL: the shorter of its two encoders', as ComfyUI cuts them), told from the tokens alone."""
+    return 77 * min(len(chunks) for chunks in clip.tokenize(_escape_weights(prompt)).values())
 
 
 def stack_conditioning(encoded: list[dict[str, Any]], negative: dict[str, Any], width: int,
                        height: int) -> tuple[list[Any], list[Any]]:
     """One positive conditioning with the batch's prompts stacked along the batch, and the negative.
 
-    Token lengths (77 per chunk) are brought to their least common multiple by repetition, which
-    leaves cross-attention unchanged; the negative gets the same length so ComfyUI can run the
-    conditional and unconditional passes together. Size conditioning (SDXL) is the render size.
+    The prompts must share a length (:func:`trainer.dataset.batches` groups them): padding them to
+    the least common multiple of their lengths would cost more than rendering them one by one. The
+    negative keeps its own length, as a KSampler gets it: ComfyUI pads it by repetition where that
+    costs at most 4x and runs it apart otherwise. Size conditioning (SDXL) is the render size.
     """
     import torch
 
-    length = math.lcm(negative["cond"].shape[1], *(entry["cond"].shape[1] for entry in encoded))
+    lengths = sorted({entry["cond"].shape[1] for entry in encoded})
+    if len(lengths) > 1:
+        raise ValueError(f"a batch of prompts with conditionings of {lengths} tokens; expected one length per batch "
+                         "(trainer.dataset.batches groups them)")
     size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
             "target_height": height}
 
@@ -312,9 +324,8 @@ def stack_conditioning(encoded: list[dict[str, Any]], negative: dict[str, Any], 
                 merged[key] = values[0]
         return merged
 
-    positive = torch.cat([_repeat_to(entry["cond"], length) for entry in encoded])
-    return ([[positive, {**extras(encoded), **size}]],
-            [[_repeat_to(negative["cond"], length), {**extras([negative]), **size}]])
+    positive = torch.cat([entry["cond"] for entry in encoded])
+    return ([[positive, {**extras(encoded), **size}]], [[negative["cond"], {**extras([negative]), **size}]])
 
 
 def per_image_noise_sampler(sampler: Any, sampler_name: str, seeds: list[int]) -> Any:
@@ -353,35 +364,43 @@ def per_image_noise_sampler(sampler: Any, sampler_name: str, seeds: list[int]) -
     return wrapped
 
 
-def comfy_batch_renderer(model: Any, clip: Any, vae: Any, request: RenderRequest) -> BatchRenderer:
-    """A :data:`trainer.dataset.BatchRenderer` that samples a batch of prompts in one ComfyUI sampler call."""
-    import comfy.model_management
-    import comfy.sample
-    import comfy.samplers
-    import torch
+class ComfyBatchRenderer:
+    """A :class:`trainer.dataset.BatchRenderer` that samples a batch of prompts in one ComfyUI sampler call."""
 
-    negative = negative_conditioning(model, clip, request.negative_prompt)
-    sigmas = comfy.samplers.KSampler(model, steps=request.steps, device=model.load_device, sampler=request.sampler,
-                                     scheduler=request.scheduler, denoise=1.0,
-                                     model_options=model.model_options).sigmas
+    def __init__(self, model: Any, clip: Any, vae: Any, request: RenderRequest) -> None:
+        import comfy.samplers
 
-    def step_done(step: int, denoised: Any, x: Any, total_steps: int) -> None:
-        check_interrupted()
+        self.model, self.clip, self.vae, self.request = model, clip, vae, request
+        self.negative = negative_conditioning(model, clip, request.negative_prompt)
+        self.sigmas = comfy.samplers.KSampler(model, steps=request.steps, device=model.load_device,
+                                              sampler=request.sampler, scheduler=request.scheduler, denoise=1.0,
+                                              model_options=model.model_options).sigmas
 
-    @torch.inference_mode()  # ComfyUI's executor runs nodes this way too; this keeps the renderer usable alone
-    def render(prompts: list[str], seeds: list[int]) -> list[Any]:
-        positive, negative_batch = stack_conditioning([_encode(clip, prompt) for prompt in prompts], negative,
-                                                      request.width, request.height)
-        latent = torch.zeros([len(prompts), 4, request.height // 8, request.width // 8],
-                             device=comfy.model_management.intermediate_device())
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = torch.cat([comfy.sample.prepare_noise(latent[index:index + 1], seed)
-                           for index, seed in enumerate(seeds)])
-        sampler = per_image_noise_sampler(comfy.samplers.sampler_object(request.sampler), request.sampler, seeds)
-        samples = comfy.sample.sample_custom(model, noise, request.cfg, sampler, sigmas, positive, negative_batch,
-                                             latent, callback=step_done, disable_pbar=True, seed=seeds[0])
-        pixels = vae.decode(samples)
-        pixels = pixels.reshape(-1, *pixels.shape[-3:])  # video VAEs add a frame axis
-        return float_images_to_pil(pixels.detach().float().cpu().numpy())
+    def conditioning_length(self, prompt: str) -> int:
+        return conditioning_length(self.clip, prompt)
 
-    return render
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+        import comfy.model_management
+        import comfy.sample
+        import comfy.samplers
+        import torch
+
+        def step_done(step: int, denoised: Any, x: Any, total_steps: int) -> None:
+            check_interrupted()
+
+        request, model = self.request, self.model
+        # ComfyUI's executor runs nodes in inference mode too; this keeps the renderer usable alone
+        with torch.inference_mode():
+            positive, negative = stack_conditioning([_encode(self.clip, prompt) for prompt in prompts], self.negative,
+                                                    request.width, request.height)
+            latent = torch.zeros([len(prompts), 4, request.height // 8, request.width // 8],
+                                 device=comfy.model_management.intermediate_device())
+            latent = comfy.sample.fix_empty_latent_channels(model, latent)
+            noise = torch.cat([comfy.sample.prepare_noise(latent[index:index + 1], seed)
+                               for index, seed in enumerate(seeds)])
+            sampler = per_image_noise_sampler(comfy.samplers.sampler_object(request.sampler), request.sampler, seeds)
+            samples = comfy.sample.sample_custom(model, noise, request.cfg, sampler, self.sigmas, positive, negative,
+                                                 latent, callback=step_done, disable_pbar=True, seed=seeds[0])
+            pixels = self.vae.decode(samples)
+            pixels = pixels.reshape(-1, *pixels.shape[-3:])  # video VAEs add a frame axis
+            return float_images_to_pil(pixels.detach().float().cpu().numpy())

@@ -89,19 +89,26 @@ def comfy_model(config_class: type, model_type: ModelType = ModelType.EPS) -> An
 
 class ClipStandIn:
     """A CLIP whose encodings are made up but fixed by the text, shaped as SDXL's: ``cond`` ``[1, 77, 2048]``
-    (77 more per 75 tokens, counted here as 300 characters) and ``pooled_output`` ``[1, 1280]``."""
+    (77 more per 75 tokens, counted here as 300 characters) and ``pooled_output`` ``[1, 1280]``.
+
+    ``tokenize`` returns what ComfyUI's does: per encoder (``g``, ``l``) one list of ``(token, weight)``
+    pairs per 77-token chunk (here the text's bytes in the first chunk, the others empty)."""
+
+    CHARACTERS_PER_CHUNK = 300
 
     def __init__(self, width: int = 2048, pooled_width: int = 1280) -> None:
         self.width, self.pooled_width = width, pooled_width
 
-    def tokenize(self, text: str) -> str:
-        return text
+    def tokenize(self, text: str) -> dict[str, list[list[tuple[int, float]]]]:
+        chunks = [[(byte, 1.0) for byte in text.encode()]] + [[]] * (len(text) // self.CHARACTERS_PER_CHUNK)
+        return {"g": chunks, "l": chunks}
 
-    def encode_from_tokens(self, tokens: str, return_pooled: bool = False, return_dict: bool = False) -> Any:
+    def encode_from_tokens(self, tokens: dict[str, list[list[tuple[int, float]]]], return_pooled: bool = False,
+                           return_dict: bool = False) -> Any:
         import torch
 
-        generator = torch.Generator().manual_seed(zlib.crc32(tokens.encode()))
-        pieces = 1 + len(tokens) // 300
+        generator = torch.Generator().manual_seed(zlib.crc32(bytes(token for token, _ in tokens["l"][0])))
+        pieces = len(tokens["l"])
         return {"cond": torch.randn(1, 77 * pieces, self.width, generator=generator),
                 "pooled_output": torch.randn(1, self.pooled_width, generator=generator)}
 

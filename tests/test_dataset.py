@@ -14,11 +14,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from comfyui_selma.trainer.dataset import (
     DATASET_FILE,
+    NonFiniteImages,
+    batches,
+    float_images_to_pil,
     DatasetError,
     RenderRequest,
     done_image_paths,
@@ -37,11 +41,20 @@ def fake_image(prompt: str, seed: int, size: tuple[int, int] = (16, 8)) -> Image
     return Image.new("RGB", size, tuple(colour))
 
 
+def fake_conditioning_length(prompt: str) -> int:
+    """77 tokens per 40 characters begun: what a long prompt's CLIP chunks are to a real engine."""
+    return 77 * (1 + len(prompt) // 40)
+
+
 class FakeRenderer:
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], list[int]]] = []
 
+    def conditioning_length(self, prompt: str) -> int:
+        return fake_conditioning_length(prompt)
+
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        assert len({self.conditioning_length(prompt) for prompt in prompts}) == 1, "a batch of mixed lengths"
         self.calls.append((prompts, seeds))
         return [fake_image(prompt, seed) for prompt, seed in zip(prompts, seeds)]
 
@@ -91,6 +104,53 @@ def test_prompts_are_batched_in_calls_of_batch_size_with_their_own_seeds(tmp_pat
     renderer = FakeRenderer()
     render(tmp_path / "d", renderer, batch_size=2)
     assert [seeds for _, seeds in renderer.calls] == [[100, 101], [102, 103], [104]]
+
+
+def test_a_batch_holds_prompts_of_one_conditioning_length_filled_in_index_order():
+    lengths = {0: 77, 1: 154, 2: 77, 3: 231, 4: 77, 5: 154, 6: 77, 7: 77}
+    assert list(batches(range(8), 3, lengths)) == [[0, 2, 4], [1, 5], [3], [6, 7]]
+    assert list(batches([5, 6, 7], 2, lengths)) == [[6, 7], [5]]
+    assert list(batches(range(8), 1, lengths)) == [[index] for index in range(8)]
+    assert list(batches([], 4, lengths)) == []
+
+
+def test_prompts_of_different_lengths_are_rendered_in_batches_of_one_length(tmp_path):
+    prompts = ("a red cube", "a long caption that runs past forty characters", "two green apples",
+               "another caption that runs well past forty characters", "a boat")
+    renderer = FakeRenderer()
+    written, _ = render(tmp_path / "d", renderer, prompts=prompts, batch_size=2)
+    assert [seeds for _, seeds in renderer.calls] == [[100, 102], [101, 103], [104]]
+    assert sorted(written) == [0, 1, 2, 3, 4]
+    assert [(tmp_path / "d" / f"{index:06d}.txt").read_text() for index in range(5)] == list(prompts)
+
+
+class NonFiniteAfterFirstBatch(FakeRenderer):
+    """Decodes like an engine (floats → :func:`float_images_to_pil`); from the second batch on the model gives NaN."""
+
+    def __call__(self, prompts, seeds):
+        pixels = np.full((len(prompts), 8, 16, 3), 0.5 if not self.calls else np.nan, dtype=np.float32)
+        if self.calls:
+            pixels[:, 0, 0, 0] = 0.5  # NaN in all but one pixel: a black image once clipped
+        self.calls.append((prompts, seeds))
+        return float_images_to_pil(pixels)
+
+
+def test_non_finite_pixels_stop_the_render_naming_the_model_and_the_batch_is_not_recorded(tmp_path):
+    folder = tmp_path / "d"
+    with pytest.raises(DatasetError, match=r"model 'm': rendered NaN or infinite pixels for prompts 2, 3 "
+                                           r"\(000002.png, 000003.png\).*not written"):
+        render(folder, NonFiniteAfterFirstBatch(), batch_size=2)
+    assert pending_indices(folder, len(PROMPTS)) == (2, 3, 4)
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_decoding_refuses_non_finite_pixels_rather_than_clipping_them_to_black(value):
+    pixels = np.zeros((3, 2, 2, 3), dtype=np.float32)
+    pixels[1, 1, 0, 2] = value
+    with pytest.raises(NonFiniteImages) as refusal:
+        float_images_to_pil(pixels)
+    assert refusal.value.positions == (1,)
 
 
 def test_rerun_skips_images_already_on_disk(tmp_path):
@@ -150,9 +210,32 @@ def test_dataset_json_with_different_settings_is_refused_naming_the_setting(tmp_
     render(folder)
     before = files_of(folder)
     renderer = FakeRenderer()
-    with pytest.raises(DatasetError, match=rf"dataset.json was rendered with different settings.*{setting}:"):
+    with pytest.raises(DatasetError, match=rf"dataset.json was rendered with different settings.*{setting}\b"):
         render(folder, renderer, **{setting: value})
     assert renderer.calls == [] and files_of(folder) == before
+
+
+def test_another_model_fingerprint_is_refused_naming_the_field_and_both_values(tmp_path):
+    folder = tmp_path / "d"
+    render(folder, generator={"engine": "fake", "model": "m.safetensors", "sha256": "aaaa"})
+    before = files_of(folder)
+    with pytest.raises(DatasetError, match=r'generator.sha256: the folder has "aaaa", this run asks "bbbb"'):
+        render(folder, prompts=(*PROMPTS, "a sixth prompt"),
+               generator={"engine": "fake", "model": "m.safetensors", "sha256": "bbbb"})
+    assert files_of(folder) == before
+
+
+def test_a_dataset_recorded_without_a_fingerprint_continues_with_a_notice_and_records_it(tmp_path):
+    folder = tmp_path / "d"
+    render(folder, prompts=PROMPTS[:3], generator={"engine": "fake", "model": "m.safetensors"})  # an older version
+    fingerprinted = {"engine": "fake", "model": "m.safetensors", "sha256": "aaaa"}
+    plan = prepare_dataset(folder, request(generator=fingerprinted))
+    (notice,) = plan.notices
+    assert "records no generator.sha256" in notice and "3 images there were not checked" in notice
+    assert plan.pending == (3, 4)
+    assert json.loads((folder / DATASET_FILE).read_text())["generator"] == fingerprinted
+    with pytest.raises(DatasetError, match=r'generator.sha256: the folder has "aaaa", this run asks "bbbb"'):
+        prepare_dataset(folder, request(generator={**fingerprinted, "sha256": "bbbb"}))
 
 
 def test_a_changed_prompt_set_is_refused(tmp_path):
@@ -224,7 +307,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_dataset import fake_image, request
+    from test_dataset import FakeRenderer, request
     from comfyui_selma.trainer.dataset import prepare_dataset, render_pending
 
     class DiesWhileWriting:
@@ -237,13 +320,14 @@ KILLED_RUN = textwrap.dedent("""
             stream.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def renderer(prompts, seeds):
-        images = [fake_image(prompt, seed) for prompt, seed in zip(prompts, seeds)]
-        if 102 in seeds:
-            images[seeds.index(102)] = DiesWhileWriting(images[seeds.index(102)])
-        return images
+    class DiesAtImage2(FakeRenderer):
+        def __call__(self, prompts, seeds):
+            images = super().__call__(prompts, seeds)
+            if 102 in seeds:
+                images[seeds.index(102)] = DiesWhileWriting(images[seeds.index(102)])
+            return images
 
-    render_pending(prepare_dataset(Path({folder!r}), request()), renderer)
+    render_pending(prepare_dataset(Path({folder!r}), request()), DiesAtImage2())
 """)
 
 

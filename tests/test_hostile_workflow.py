@@ -172,16 +172,22 @@ def prompts_node(**widgets) -> object:
     return SelmaSkillPrompts().generate(**values, unique_id="1")
 
 
-class ImageRenderer:
-    """Stands in for ComfyUI's sampling (``comfy_batch_renderer``): one flat image per prompt."""
+class FlatImages:
+    """Stands in for ComfyUI's sampling (``ComfyBatchRenderer``): one flat image per prompt."""
 
-    def __call__(self, model, clip, vae, request):
-        return lambda prompts, seeds: [Image.new("RGB", (request.width, request.height)) for _ in prompts]
+    def __init__(self, model, clip, vae, request) -> None:
+        self.size = (request.width, request.height)
+
+    def conditioning_length(self, prompt: str) -> int:
+        return render_node.conditioning_length(ClipStandIn(), prompt)
+
+    def __call__(self, prompts, seeds):
+        return [Image.new("RGB", self.size) for _ in prompts]
 
 
 @pytest.fixture
 def renderer(monkeypatch) -> None:
-    monkeypatch.setattr(render_node, "comfy_batch_renderer", ImageRenderer())
+    monkeypatch.setattr(render_node, "ComfyBatchRenderer", FlatImages)
 
 
 def render_node_run(**widgets) -> object:

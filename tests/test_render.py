@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ import pytest
 from PIL import Image
 
 from comfyui_selma.trainer import cli
-from comfyui_selma.trainer.dataset import DatasetError, pending_indices
+from comfyui_selma.trainer.dataset import DatasetError, RenderRequest, pending_indices, prepare_dataset, render_pending
+from comfyui_selma.trainer.model_hash import model_sha256
 from comfyui_selma.trainer.prompt_set import PromptRecord, prompt_set_of
 from comfyui_selma.trainer.render import (
     DiffusersRenderer,
@@ -36,6 +39,10 @@ def write_prompt_set(path: Path, prompts=PROMPTS, skill="counting") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(PromptRecord(prompt, skill, "seed", 0.0).to_json() + "\n" for prompt in prompts))
     return path
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 def pixels(path_or_image) -> np.ndarray:
@@ -73,13 +80,37 @@ def test_short_prompts_encode_exactly_as_diffusers_and_long_ones_in_77_token_chu
 def test_an_image_is_the_same_alone_or_in_a_batch_of_4(architecture, sampler, request):
     pipeline = load_renderer_pipeline(request.getfixturevalue(f"tiny_{architecture}_folder"), "cpu", sampler=sampler)
     renderer = DiffusersRenderer(pipeline, SIZE, SIZE, STEPS, 7.5, negative_prompt="blurry")
-    prompts, seeds = PROMPTS[:4], [7, 8, 9, 10]  # one long prompt: the batch is padded to 2 chunks
+    prompts, seeds = [PROMPTS[0], *PROMPTS[2:]], [7, 8, 9, 10]
     together = renderer(prompts, seeds)
     for index in range(4):
         alone = renderer([prompts[index]], [seeds[index]])[0]
         assert np.abs(pixels(together[index]) - pixels(alone)).max() <= TOLERANCE, f"image {index}"
     assert np.abs(pixels(together[0]) - pixels(renderer([prompts[0]], [8])[0])).max() > TOLERANCE, \
         "another seed gave the same image"
+
+
+def test_prompts_of_different_lengths_never_share_a_sampler_call_and_match_their_images_alone(tmp_path,
+                                                                                             tiny_sd1_folder):
+    pipeline = load_renderer_pipeline(tiny_sd1_folder, "cpu", sampler="euler")
+    renderer = DiffusersRenderer(pipeline, 32, 32, 1, 7.5, negative_prompt="blurry")
+    phrases = ("a red cube on a wooden table", "two green apples in a bowl")  # 7 and 6 tokens
+    prompts = [" ".join([phrase] * repeats) for phrase in phrases for repeats in (1, 14, 30)]
+    assert [renderer.conditioning_length(prompt) // 77 for prompt in prompts] == [1, 2, 3, 1, 2, 3]  # chunks
+    conditioning_shapes = []
+    pipeline.unet.register_forward_pre_hook(
+        lambda unet, args, kwargs: conditioning_shapes.append(tuple(kwargs["encoder_hidden_states"].shape[:2])),
+        with_kwargs=True)
+    request = RenderRequest(prompts=tuple(prompts), skill="counting", generator={"engine": "diffusers", "model": "t"},
+                            sampler="euler", scheduler=None, steps=1, cfg=7.5, width=32, height=32,
+                            negative_prompt="blurry", seed=7, batch_size=3)
+    render_pending(prepare_dataset(tmp_path / "d", request), renderer)
+    # one sampler step per batch, prompt and negative together: a batch per length, no 6-chunk (LCM) tensor
+    assert sorted(conditioning_shapes) == [(4, 77), (4, 154), (4, 231)]
+    for index, prompt in enumerate(prompts):
+        alone = renderer([prompt], [7 + index])[0]
+        assert np.abs(pixels(tmp_path / "d" / f"{index:06d}.png") - pixels(alone)).max() <= TOLERANCE, index
+    with pytest.raises(ValueError, match=r"conditionings of \[77, 154, 231\] tokens; expected one length"):
+        renderer(prompts[:3], [7, 8, 9])
 
 
 @pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
@@ -117,7 +148,9 @@ def test_selma_render_cli_writes_the_dataset_from_a_single_file_checkpoint(tmp_p
     assert exit_code == 0, capsys.readouterr().err
     assert f"5 of 5 images done (0 were already there, 5 rendered" in capsys.readouterr().out
     settings = json.loads((out / "dataset.json").read_text())
-    assert settings["generator"] == {"engine": "diffusers", "model": tiny_sd1_checkpoint.name}
+    assert settings["generator"] == {"engine": "diffusers", "model": tiny_sd1_checkpoint.name,
+                                     "sha256": hashlib.sha256(tiny_sd1_checkpoint.read_bytes()).hexdigest(),
+                                     "model_config_sha256": model_sha256(tiny_sd1_folder)}
     assert (settings["width"], settings["height"]) == (SIZE, SIZE)  # the tiny model's native size
     assert (settings["steps"], settings["cfg"], settings["sampler"], settings["seeds"]) == \
         (STEPS, 7.5, "default", [7, 8, 9, 10, 11])
@@ -142,7 +175,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, prompt_
     with pytest.raises(KeyboardInterrupt):
         render_dataset(prompt_set_of(prompt_file), folder, tiny_sd1_folder, config, show_progress=False,
                        on_batch=interrupt)
-    assert pending_indices(folder, len(PROMPTS)) == (2, 3, 4)
+    assert pending_indices(folder, len(PROMPTS)) == (1, 3, 4)  # the first batch: short prompts 0 and 2
     summary = render_dataset(prompt_set_of(prompt_file), folder, tiny_sd1_folder, config, show_progress=False)
     assert (summary.already_done, summary.rendered_here, summary.done_now) == (2, 3, 5)
     for index in range(len(PROMPTS)):
@@ -168,6 +201,75 @@ def test_accelerate_launch_splits_the_prompts_across_processes_each_writing_its_
     for index in range(len(PROMPTS)):
         assert np.abs(pixels(out / f"{index:06d}.png") - pixels(uninterrupted / f"{index:06d}.png")).max() \
             <= TOLERANCE
+
+
+def test_a_second_render_into_a_dataset_being_rendered_is_refused_and_the_first_dataset_survives(tmp_path,
+                                                                                                  tiny_sd1_folder,
+                                                                                                  capsys):
+    first = write_prompt_set(tmp_path / "first.jsonl", PROMPTS[:3])
+    second = write_prompt_set(tmp_path / "second.jsonl", ["a blue ball", "a dog in a park", "three pears"])
+    out = tmp_path / "dataset"
+    small = ["--steps", "1", "--width", "32", "--height", "32", "--batch-size", "1", "--quiet"]
+    second_exit_codes = []
+
+    def start_the_second_render(batch):
+        if not second_exit_codes:  # while the first render holds the folder, after its first image
+            second_exit_codes.append(cli.main(["render", str(second), "--model", str(tiny_sd1_folder), "--out",
+                                               str(out), *small]))
+
+    render_dataset(prompt_set_of(first), out, tiny_sd1_folder, RenderConfig(steps=1, width=32, height=32,
+                                                                             batch_size=1),
+                   show_progress=False, on_batch=start_the_second_render)
+    assert second_exit_codes == [1]
+    assert f"{out}: in use by process {os.getpid()}" in capsys.readouterr().err
+    assert [(out / f"{index:06d}.txt").read_text() for index in range(3)] == PROMPTS[:3]
+    assert json.loads((out / "dataset.json").read_text())["prompts_file"] == str(first)
+    assert not (tmp_path / "dataset.lock").exists()  # released when the render ended
+
+
+def test_a_dataset_is_continued_only_by_the_model_file_that_started_it(tmp_path, prompt_file, tiny_sd1_checkpoint,
+                                                                      tiny_sd1_folder, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_sd1_checkpoint, model)
+    started = write_prompt_set(tmp_path / "started.jsonl", PROMPTS[:2])
+    out = tmp_path / "dataset"
+    settings = ["--model", str(model), "--model-config", str(tiny_sd1_folder), "--out", str(out), "--steps", "1",
+                "--width", "32", "--height", "32", "--quiet"]
+    assert cli.main(["render", str(started), *settings]) == 0, capsys.readouterr().err
+    first_sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    generator = json.loads((out / "dataset.json").read_text())["generator"]
+    assert generator == {"engine": "diffusers", "model": "model.safetensors", "sha256": first_sha256,
+                         "model_config_sha256": generator["model_config_sha256"]}
+
+    weights = load_file(model)  # another model under the same file name: a fine-tune of it
+    weights = {name: tensor + 0.01 if name.endswith("out.2.bias") else tensor for name, tensor in weights.items()}
+    save_file(weights, model)
+    other_sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    before = files_of(out)
+    assert cli.main(["render", str(prompt_file), *settings]) == 1
+    assert (f'generator.sha256: the folder has "{first_sha256}", this run asks "{other_sha256}"'
+            in capsys.readouterr().err)
+    assert files_of(out) == before
+
+
+def test_a_dataset_from_before_model_fingerprints_is_continued_with_a_notice(tmp_path, prompt_file, tiny_sd1_folder,
+                                                                             capsys):
+    out = tmp_path / "dataset"
+    settings = ["--model", str(tiny_sd1_folder), "--out", str(out), "--steps", "1", "--width", "32", "--height", "32",
+                "--quiet"]
+    assert cli.main(["render", str(write_prompt_set(tmp_path / "two.jsonl", PROMPTS[:2])), *settings]) == 0
+    recorded = json.loads((out / "dataset.json").read_text())
+    fingerprint = recorded["generator"]
+    recorded["generator"] = {"engine": "diffusers", "model": tiny_sd1_folder.name}  # what older versions wrote
+    (out / "dataset.json").write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert cli.main(["render", str(prompt_file), *settings]) == 0
+    err = capsys.readouterr().err
+    assert "selma render: notice:" in err and "records no generator." in err and "generator.sha256" in err
+    assert json.loads((out / "dataset.json").read_text())["generator"] == fingerprint
+    assert pending_indices(out, len(PROMPTS)) == ()
 
 
 def test_other_settings_on_an_existing_dataset_are_refused_by_the_cli(prompt_file, tiny_sd1_folder, uninterrupted,
@@ -207,6 +309,57 @@ def test_missing_model_empty_prompt_set_and_pickles_are_refused_with_a_clear_err
     assert cli.main(["render", str(empty), "--model", str(tmp_path), "--out", str(out)]) == 1
     assert "empty.jsonl: holds no prompts" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("foo", "device: 'foo' is not a device torch knows; expected e.g. cpu, cuda, cuda:1 or mps"),
+    ("cuda:99", "device: 'cuda:99' is not available on this machine ("),
+])
+def test_a_device_that_does_not_exist_is_refused_before_anything_is_written(tmp_path, prompt_file, tiny_sd1_folder,
+                                                                            capsys, device, message):
+    out = tmp_path / "dataset"
+    assert cli.main(["render", str(prompt_file), "--model", str(tiny_sd1_folder), "--out", str(out), "--device",
+                     device, "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_corrupt_checkpoint_or_a_pickle_named_safetensors_is_refused_before_anything_is_written(tmp_path,
+                                                                                                 prompt_file, capsys):
+    import torch
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    renamed_pickle = tmp_path / "renamed.safetensors"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, renamed_pickle)  # a .ckpt, renamed
+    out = tmp_path / "dataset"
+    for model, hint in ((corrupt, ""), (renamed_pickle, "it looks like a pickle (.ckpt) renamed .safetensors")):
+        assert cli.main(["render", str(prompt_file), "--model", str(model), "--out", str(out), "--steps", "1",
+                         "--width", "32", "--height", "32", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert f"model: {model} is not a readable .safetensors checkpoint" in err and hint in err
+        assert "Traceback" not in err
+        assert not out.exists()  # no stray dataset.json
+
+
+def test_a_model_that_renders_nan_stops_with_an_error_naming_it_and_records_no_image(tmp_path, prompt_file,
+                                                                                     tiny_sd1_checkpoint,
+                                                                                     tiny_sd1_folder, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tiny_sd1_checkpoint)
+    weights["model.diffusion_model.out.2.bias"].fill_(float("nan"))  # a broken fine-tune
+    broken = tmp_path / "broken.safetensors"
+    save_file(weights, broken)
+    out = tmp_path / "dataset"
+    assert cli.main(["render", str(prompt_file), "--model", str(broken), "--model-config", str(tiny_sd1_folder),
+                     "--out", str(out), "--steps", "1", "--width", "32", "--height", "32", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "model 'broken.safetensors': rendered NaN or infinite pixels for prompts 0, 2, 3, 4" in err  # the short ones
+    assert "Traceback" not in err
+    assert pending_indices(out, len(PROMPTS)) == tuple(range(len(PROMPTS)))
+    assert not list(out.glob("*.png"))
 
 
 def test_render_help_lists_the_paper_defaults(capsys):

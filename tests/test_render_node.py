@@ -23,23 +23,38 @@ SETTINGS = dict(negative_prompt="", width=16, height=8, steps=2, cfg=7.5, sample
                 seed=100, batch_size=2)
 
 
-class FakeRenderer:
-    """Stands in for ``comfy_batch_renderer``: one flat image per prompt, coloured by its seed."""
+class FlatImages:
+    """A batch renderer for the node's logic: one flat image per prompt, its red the seed mod 256; each
+    prompt's conditioning length as the node tells it for a ClipStandIn (77 tokens per 300 characters)."""
 
-    def __init__(self) -> None:
+    def __init__(self, request, calls: list[list[int]], before_batch=None) -> None:
+        self.size, self.calls, self.before_batch = (request.width, request.height), calls, before_batch
+
+    def conditioning_length(self, prompt: str) -> int:
+        return render_node.conditioning_length(ClipStandIn(), prompt)
+
+    def __call__(self, prompts, seeds):
+        if self.before_batch is not None:
+            self.before_batch()
+        self.calls.append(list(seeds))
+        return [Image.new("RGB", self.size, (seed % 256, 0, 0)) for seed in seeds]
+
+
+class FakeRenderer:
+    """Stands in for ``ComfyBatchRenderer`` (sampling needs a real ComfyUI): builds :class:`FlatImages`."""
+
+    def __init__(self, before_batch=None) -> None:
         self.calls: list[list[int]] = []
+        self.before_batch = before_batch
 
     def __call__(self, model, clip, vae, request):
-        def render(prompts, seeds):
-            self.calls.append(list(seeds))
-            return [Image.new("RGB", (request.width, request.height), (seed % 256, 0, 0)) for seed in seeds]
-        return render
+        return FlatImages(request, self.calls, self.before_batch)
 
 
 @pytest.fixture
 def fake_renderer(monkeypatch) -> FakeRenderer:
     fake = FakeRenderer()
-    monkeypatch.setattr(render_node, "comfy_batch_renderer", fake)
+    monkeypatch.setattr(render_node, "ComfyBatchRenderer", fake)
     return fake
 
 
@@ -153,22 +168,84 @@ def test_other_settings_on_an_existing_dataset_are_refused(comfy, fake_renderer)
     assert fake_renderer.calls == []
 
 
+def test_a_second_render_into_a_dataset_being_rendered_is_refused_and_the_first_dataset_survives(comfy,
+                                                                                                  monkeypatch):
+    import os
+
+    from comfyui_selma.trainer.locks import LockHeldError
+
+    second_render = []
+
+    def queue_a_second_render():
+        if not second_render:  # while the first render holds the folder
+            second_render.append("rendered")
+            try:
+                run_node(prompts=["a blue ball", "a dog in a park"], dataset_name="shared")
+            except LockHeldError as refusal:
+                second_render[0] = str(refusal)
+
+    monkeypatch.setattr(render_node, "ComfyBatchRenderer", FakeRenderer(before_batch=queue_a_second_render))
+    run_node(dataset_name="shared")
+    folder = comfy.output_dir / "selma" / "datasets" / "shared"
+    assert f"{folder}: in use by process {os.getpid()}" in second_render[0]
+    assert [(folder / f"{index:06d}.txt").read_text() for index in range(5)] == list(PROMPTS)
+    assert not (folder.parent / "shared.lock").exists()
+
+
+def test_a_model_that_decodes_to_nan_stops_the_node_naming_it_and_records_no_image(comfy, monkeypatch):
+    import numpy as np
+
+    from comfyui_selma.trainer.dataset import float_images_to_pil
+
+    class DecodesToNan(FlatImages):  # what ComfyBatchRenderer does with a VAE's NaN output
+        def __call__(self, prompts, seeds):
+            return float_images_to_pil(np.full((len(prompts), self.size[1], self.size[0], 3), np.nan))
+
+    monkeypatch.setattr(render_node, "ComfyBatchRenderer",
+                        lambda model, clip, vae, request: DecodesToNan(request, []))
+    with pytest.raises(DatasetError, match=r"model 'SD15': rendered NaN or infinite pixels for prompts 0, 1"):
+        run_node(model=comfy_model(SD15))
+    assert not list((comfy.output_dir / "selma" / "datasets" / "counting").glob("*.png"))
+
+
 def test_a_prompts_input_that_is_not_a_prompt_set_is_refused(comfy, fake_renderer):
     with pytest.raises(DatasetError, match=r"prompts: got list; expected the output of SELMA Skill Prompts"):
         SelmaRenderDataset().render(model=None, clip=None, vae=None, prompts=["a cat"], **SETTINGS)
 
 
-def test_conditionings_of_different_lengths_are_stacked_by_repetition_with_the_render_size():
-    short = {"cond": torch.randn(1, 77, 8), "pooled_output": torch.randn(1, 4)}
-    long = {"cond": torch.randn(1, 154, 8), "pooled_output": torch.randn(1, 4)}
+def test_prompts_of_different_lengths_are_batched_only_with_prompts_of_their_length(comfy, fake_renderer):
+    long_prompts = ["a long caption: " + "a small wooden toy beside a red box, " * 10 + f"number {index}"
+                    for index in range(2)]
+    prompts = ["a red cube", long_prompts[0], "two green apples", long_prompts[1], "a cat on a sofa"]
+    run_node(prompts=prompts, batch_size=2)
+    assert fake_renderer.calls == [[100, 102], [101, 103], [104]]  # 77 tokens: 0, 2, 4; 154 tokens: 1, 3
+    folder = comfy.output_dir / "selma" / "datasets" / "counting"
+    assert [(folder / f"{index:06d}.txt").read_text() for index in range(5)] == prompts
+
+
+@pytest.mark.parametrize("characters", [0, 10, 299, 300, 650])
+def test_a_prompts_conditioning_length_is_told_from_its_tokens_as_the_clip_would_encode_it(characters):
+    clip, prompt = ClipStandIn(), "x" * characters
+    encoded = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True, return_dict=True)
+    assert render_node.conditioning_length(clip, prompt) == encoded["cond"].shape[1]
+
+
+def test_conditionings_of_one_length_are_stacked_and_the_negative_keeps_its_own_length():
+    first = {"cond": torch.randn(1, 154, 8), "pooled_output": torch.randn(1, 4)}
+    second = {"cond": torch.randn(1, 154, 8), "pooled_output": torch.randn(1, 4)}
     negative = {"cond": torch.randn(1, 77, 8), "pooled_output": torch.randn(1, 4)}
-    [[positive, extras]], [[negative_cond, negative_extras]] = stack_conditioning([short, long], negative, 64, 32)
-    assert positive.shape == (2, 154, 8)
-    assert torch.equal(positive[0], torch.cat([short["cond"][0], short["cond"][0]]))
-    assert torch.equal(positive[1], long["cond"][0])
-    assert torch.equal(extras["pooled_output"], torch.cat([short["pooled_output"], long["pooled_output"]]))
-    assert negative_cond.shape == (1, 154, 8)
+    [[positive, extras]], [[negative_cond, negative_extras]] = stack_conditioning([first, second], negative, 64, 32)
+    assert torch.equal(positive, torch.cat([first["cond"], second["cond"]]))
+    assert torch.equal(extras["pooled_output"], torch.cat([first["pooled_output"], second["pooled_output"]]))
+    assert torch.equal(negative_cond, negative["cond"])  # ComfyUI pads it (at most 4x) or runs it apart
     assert (extras["width"], extras["height"], extras["target_width"], negative_extras["height"]) == (64, 32, 64, 32)
+
+
+def test_a_batch_of_conditionings_of_different_lengths_is_refused_not_padded_to_their_common_multiple():
+    lengths = (29, 31, 33)  # chunks: padded to a common length, each would be 29 * 31 * 33 chunks long
+    encoded = [{"cond": torch.randn(1, 77 * chunks, 8)} for chunks in lengths]
+    with pytest.raises(ValueError, match=r"conditionings of \[2233, 2387, 2541\] tokens; expected one length"):
+        stack_conditioning(encoded, {"cond": torch.randn(1, 77, 8)}, 64, 64)
 
 
 def test_the_size_widgets_default_to_auto_and_say_what_auto_is():

@@ -19,6 +19,9 @@ one run and finished by another:
 - **Resume.** Rendering skips done images. It continues a folder only when its ``dataset.json``
   records the same settings and every caption on disk is the prompt of its index; anything else is
   refused before rendering, with the difference named.
+- **One writer.** A render holds the folder's lock (``<dataset>.lock`` beside it,
+  :func:`.locks.exclusive_lock`) from its checks to its last image, so a second render into the
+  same folder — node or CLI, this process or another — is refused with "in use by process N".
 
 This module is pure (PIL and numpy only): the engines plug in as a :data:`BatchRenderer`.
 """
@@ -29,10 +32,10 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .files import atomic_open, atomic_write_json, check_name
 
@@ -52,12 +55,34 @@ CAPTION_SUFFIX = ".txt"
 MATCHED_SETTINGS = ("skill", "generator", "sampler", "scheduler", "steps", "cfg", "width", "height",
                     "negative_prompt", "seed")
 
-# (prompts of one batch, their seeds) -> one image per prompt, in order, each width x height.
-BatchRenderer = Callable[[list[str], list[int]], list["Image.Image"]]
+
+
+class BatchRenderer(Protocol):
+    """An engine: renders a batch of prompts in one sampler call.
+
+    Prompts of different conditioning lengths (77 tokens per CLIP chunk) could only share a call by
+    padding each to the least common multiple of their lengths — for 29, 31 and 33 chunks that is
+    29,667 chunks per prompt — so :func:`render_pending` batches only prompts of one length, told by
+    :meth:`conditioning_length`; a renderer may refuse a mixed batch.
+    """
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """One image per prompt, in order, each width x height, image i from ``seeds[i]`` alone."""
+
+    def conditioning_length(self, prompt: str) -> int:
+        """The length of the prompt's text conditioning in tokens (77 per CLIP chunk); no encoding needed."""
 
 
 class DatasetError(ValueError):
     """A render request or dataset folder that cannot be used; the message names what and why."""
+
+
+class NonFiniteImages(DatasetError):
+    """A renderer decoded NaN or infinite pixels; ``positions`` are the images' places in their batch."""
+
+    def __init__(self, positions: tuple[int, ...]) -> None:
+        super().__init__(f"NaN or infinite pixels in the images at batch positions {list(positions)}")
+        self.positions = positions
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -170,29 +195,45 @@ class RenderRequest:
 
 @dataclass(frozen=True)
 class DatasetPlan:
-    """A checked dataset folder and what is left to render in it."""
+    """A checked dataset folder, what is left to render in it, and what the user should be told first."""
 
     folder: Path
     request: RenderRequest
     pending: tuple[int, ...]
     done: int = field(default=0)
+    notices: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
         return len(self.request.prompts)
 
 
-def _settings_mismatch(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    differences = []
+def _same_value(key: str, old: Any, new: Any) -> bool:
+    if key == "cfg" and isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return math.isclose(old, new, rel_tol=0, abs_tol=1e-6)
+    return old == new
+
+
+def _settings_mismatch(recorded: dict[str, Any], wanted: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The differences that refuse a folder, and the generator fields the folder does not record.
+
+    The generator is compared field by field, so a message says ``generator.sha256`` rather than
+    quoting two whole records. A field this run has and the folder lacks was added by a later
+    version of the pack (the model's SHA-256): it cannot be checked, so it is returned apart.
+    """
+    differences, unrecorded = [], []
     for key in MATCHED_SETTINGS:
         old, new = recorded.get(key), wanted.get(key)
-        if key == "cfg" and isinstance(old, (int, float)) and isinstance(new, (int, float)):
-            same = math.isclose(old, new, rel_tol=0, abs_tol=1e-6)
+        if key == "generator" and isinstance(old, dict) and isinstance(new, dict):
+            pairs = [(f"generator.{field_name}", old.get(field_name), new.get(field_name))
+                     for field_name in sorted(old.keys() | new.keys())]
+            unrecorded += [label for label, _, _ in pairs if label.split(".", 1)[1] not in old]
+            pairs = [pair for pair in pairs if pair[0] not in unrecorded]
         else:
-            same = old == new
-        if not same:
-            differences.append(f"{key}: the folder has {json.dumps(old)}, this run asks {json.dumps(new)}")
-    return differences
+            pairs = [(key, old, new)]
+        differences += [f"{label}: the folder has {json.dumps(old_value)}, this run asks {json.dumps(new_value)}"
+                        for label, old_value, new_value in pairs if not _same_value(key, old_value, new_value)]
+    return differences, unrecorded
 
 
 def _is_leftover(path: Path) -> bool:
@@ -224,28 +265,36 @@ def read_settings(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     return recorded
 
 
-def check_folder(folder: Path, request: RenderRequest) -> None:
+def check_folder(folder: Path, request: RenderRequest) -> list[str]:
     """Refuse a folder this request must not write into; read-only (safe to call from every process).
 
     Accepted: a missing or empty folder, or one whose ``dataset.json`` records the same settings and
-    whose captions are the request's prompts at the same indices.
+    whose captions are the request's prompts at the same indices. A folder from an older version that
+    does not record a generator field (the model's SHA-256) is continued; the returned notices say so.
     """
     if folder.exists() and not folder.is_dir():
         raise DatasetError(f"dataset folder {folder}: exists and is not a folder; expected a folder or a new path")
     if not folder.is_dir():
-        return
+        return []
     recorded = read_settings(folder)
     entries = [path for path in folder.iterdir() if not _is_leftover(path)]
     if recorded is None:
         if entries:
             raise DatasetError(f"dataset folder {folder}: not empty and holds no {DATASET_FILE}, so it is not a "
                                f"SELMA dataset (found {entries[0].name!r}); choose a new name or an empty folder")
-        return
-    differences = _settings_mismatch(recorded, request.settings())
+        return []
+    differences, unrecorded = _settings_mismatch(recorded, request.settings())
     if differences:
         raise DatasetError(f"dataset folder {folder}: {DATASET_FILE} was rendered with different settings, so "
                            "new images would not match the ones there — " + "; ".join(differences)
                            + ". Use the same settings to continue it, or a new dataset name to start another.")
+    notices = []
+    if unrecorded:
+        done = sum(is_done(folder, index) for index in range(len(request.prompts)))
+        fields = " and ".join(unrecorded)
+        notices.append(f"dataset folder {folder}: {DATASET_FILE} records no {fields} (it was written by an older "
+                       f"version), so the {done} images there were not checked against this run's model; continuing, "
+                       f"and recording this run's {fields} from now on")
     for path in sorted(entries):
         index = _dataset_index(path)
         if index is None:
@@ -260,6 +309,7 @@ def check_folder(folder: Path, request: RenderRequest) -> None:
                 raise DatasetError(f"dataset folder {folder}: {path.name} holds the caption {caption[:80]!r} but "
                                    f"prompt {index} is {request.prompts[index][:80]!r}; the prompt set changed since "
                                    "this dataset was rendered. Use a new dataset name.")
+    return notices
 
 
 def check_writable(folder: Path) -> None:
@@ -293,21 +343,28 @@ def pending_indices(folder: Path, count: int) -> tuple[int, ...]:
     return tuple(index for index in range(count) if not is_done(folder, index))
 
 
-def prepare_dataset(folder: str | os.PathLike[str], request: RenderRequest, write: bool = True) -> DatasetPlan:
-    """Validate everything before rendering, then (``write``) create the folder and its ``dataset.json``.
-
-    With ``write=False`` nothing is touched: other processes of a multi-process run check the same
-    things while the main process writes.
-    """
+def plan_dataset(folder: str | os.PathLike[str], request: RenderRequest) -> DatasetPlan:
+    """Validate the request and check the folder; touch nothing (every process of a launch may call it)."""
     folder = Path(folder)
     request.validate()
-    check_folder(folder, request)
-    if write:
-        check_writable(folder)
-        remove_leftovers(folder)
-        atomic_write_json(folder / DATASET_FILE, request.settings())
+    notices = check_folder(folder, request)
     pending = pending_indices(folder, len(request.prompts)) if folder.is_dir() else tuple(range(len(request.prompts)))
-    return DatasetPlan(folder=folder, request=request, pending=pending, done=len(request.prompts) - len(pending))
+    return DatasetPlan(folder=folder, request=request, pending=pending, done=len(request.prompts) - len(pending),
+                       notices=tuple(notices))
+
+
+def start_dataset(plan: DatasetPlan) -> None:
+    """Create the checked folder, clear what killed writes left, and write its ``dataset.json``."""
+    check_writable(plan.folder)
+    remove_leftovers(plan.folder)
+    atomic_write_json(plan.folder / DATASET_FILE, plan.request.settings())
+
+
+def prepare_dataset(folder: str | os.PathLike[str], request: RenderRequest) -> DatasetPlan:
+    """Validate everything before rendering (:func:`plan_dataset`), then :func:`start_dataset`."""
+    plan = plan_dataset(folder, request)
+    start_dataset(plan)
+    return plan
 
 
 def write_image(folder: Path, index: int, image: Image.Image, caption: str) -> None:
@@ -318,23 +375,46 @@ def write_image(folder: Path, index: int, image: Image.Image, caption: str) -> N
         stream.write(caption)
 
 
-def batches(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(indices), batch_size):
-        yield list(indices[start:start + batch_size])
+def batches(indices: Sequence[int], batch_size: int, lengths: Mapping[int, int]) -> Iterator[list[int]]:
+    """Split ``indices`` into batches of at most ``batch_size`` whose prompts share a conditioning length.
+
+    Batches fill in index order, one open batch per length; a full batch is yielded at once, the
+    partial ones at the end, in the order of their first index. Every batch then costs what its
+    images cost one by one: no prompt is padded for another's sake.
+    """
+    open_batches: dict[int, list[int]] = {}
+    for index in indices:
+        batch = open_batches.setdefault(lengths[index], [])
+        batch.append(index)
+        if len(batch) == batch_size:
+            yield open_batches.pop(lengths[index])
+    yield from open_batches.values()  # a length's batch re-enters the dict when it restarts: first-index order
 
 
 def render_pending(plan: DatasetPlan, render_batch: BatchRenderer, indices: Sequence[int] | None = None,
                    on_batch: Callable[[list[int]], None] | None = None) -> list[int]:
-    """Render ``indices`` (default: all pending) in batches of the request's size; return those written.
+    """Render ``indices`` (default: all pending) in batches of at most the request's size, each of
+    prompts that share a conditioning length (:func:`batches`); return the indices written.
 
     Each batch is written before ``on_batch`` is called with its indices, so a progress callback that
     raises (ComfyUI's cancel, Ctrl-C) loses nothing finished.
     """
     request = plan.request
     seeds = request.seeds
+    indices = plan.pending if indices is None else indices
+    lengths = {index: render_batch.conditioning_length(request.prompts[index]) for index in indices}
     written: list[int] = []
-    for batch in batches(plan.pending if indices is None else indices, request.batch_size):
-        images = render_batch([request.prompts[index] for index in batch], [seeds[index] for index in batch])
+    for batch in batches(indices, request.batch_size, lengths):
+        try:
+            images = render_batch([request.prompts[index] for index in batch], [seeds[index] for index in batch])
+        except NonFiniteImages as error:
+            bad = [batch[position] for position in error.positions]
+            raise DatasetError(
+                f"model {request.generator.get('model')!r}: rendered NaN or infinite pixels for prompts "
+                f"{', '.join(map(str, bad))} ({', '.join(image_path(plan.folder, index).name for index in bad)}), "
+                "which would be black images; its weights hold NaN or infinite values, or it overflows at this "
+                "precision (try float32). That batch was not written; images finished before it are kept."
+            ) from None
         if len(images) != len(batch):
             raise RuntimeError(f"the renderer returned {len(images)} images for a batch of {len(batch)} prompts")
         for index, image in zip(batch, images):
@@ -349,11 +429,19 @@ def render_pending(plan: DatasetPlan, render_batch: BatchRenderer, indices: Sequ
 
 
 def float_images_to_pil(images: np.ndarray) -> list[Image.Image]:
-    """``[batch, height, width, 3]`` floats in [0, 1] → 8-bit RGB images (rounded, as diffusers does)."""
+    """``[batch, height, width, 3]`` floats in [0, 1] → 8-bit RGB images (rounded, as diffusers does).
+
+    Raises :class:`NonFiniteImages` when a pixel is NaN or infinite: clipped, it would be a black
+    image written as done (a model with NaN weights, or one that overflows at half precision).
+    """
     import numpy as np
     from PIL import Image
 
-    pixels = (np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    pixels = np.asarray(images, dtype=np.float32)
+    finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
+    if not finite.all():
+        raise NonFiniteImages(tuple(int(position) for position in np.flatnonzero(~finite)))
+    pixels = (np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return [Image.fromarray(pixel_rows) for pixel_rows in pixels]
 
 

@@ -9,9 +9,9 @@ diffusers engine behind ``selma render`` (and ``selma demo``):
   by the dataset rule, so an image is the same alone or in a batch;
 - prompts longer than CLIP's 75 tokens are split into 77-token chunks the way ComfyUI splits them
   (at word boundaries, words of up to 8 tokens kept whole), each chunk encoded alone and the
-  results concatenated; the pooled embedding (SDXL) is the first chunk's. Prompts of different
-  lengths in one batch are padded by repeating their embeddings to a common length, which leaves
-  cross-attention unchanged (ComfyUI pads batched conditioning the same way);
+  results concatenated; the pooled embedding (SDXL) is the first chunk's. Only prompts of one
+  length share a batch (:func:`.dataset.batches`); the negative prompt and the prompts are
+  repeated to a common length, which leaves cross-attention unchanged (ComfyUI pads the same way);
 - under ``accelerate launch --num_processes N`` the pending prompts are split across processes with
   accelerate's ``split_between_processes``; each process writes only its own images.
 """
@@ -19,6 +19,8 @@ diffusers engine behind ``selma render`` (and ``selma demo``):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -34,15 +36,19 @@ from .dataset import (
     RenderRequest,
     float_images_to_pil,
     pending_indices,
-    prepare_dataset,
+    plan_dataset,
     render_pending,
+    start_dataset,
 )
+from .locks import exclusive_lock
+from .model_hash import model_sha256
 from .model_loading import checkpoint_family, load_pipeline
 from .prompt_set import PromptSet, PromptSetError, prompt_set_of
 from .settings import add_config_arguments, config_from_arguments, setting
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import PartialState
     from diffusers import DiffusionPipeline
     from PIL import Image
 
@@ -175,11 +181,23 @@ class DiffusersRenderer:
             negative = PromptEmbedding(torch.zeros_like(negative.hidden), torch.zeros_like(negative.pooled))
         self.negative = negative
 
+    def conditioning_length(self, prompt: str) -> int:
+        """Tokens of :func:`encode_prompt`'s output for ``prompt``: 77 per chunk (SDXL: the shorter encoder's)."""
+        tokenizers = [self.pipeline.tokenizer] + ([self.pipeline.tokenizer_2] if _is_xl(self.pipeline) else [])
+        return min(len(caption_pieces(tokenizer, prompt)) * tokenizer.model_max_length for tokenizer in tokenizers)
+
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """Render prompts of one conditioning length; a mixed batch is refused rather than padded to the
+        least common multiple of its lengths (:func:`.dataset.batches` groups them)."""
         import torch
 
         embeddings = [encode_prompt(self.pipeline, prompt) for prompt in prompts]
-        length = math.lcm(self.negative.hidden.shape[1], *(embedding.hidden.shape[1] for embedding in embeddings))
+        lengths = sorted({embedding.hidden.shape[1] for embedding in embeddings})
+        if len(lengths) > 1:
+            raise ValueError(f"a batch of prompts with conditionings of {lengths} tokens; expected one length per "
+                             "batch (trainer.dataset.batches groups them)")
+        # diffusers needs the negative as long as the prompts: repeat both to a common length (as one by one)
+        length = math.lcm(self.negative.hidden.shape[1], lengths[0])
         positive = torch.cat([repeat_to_length(embedding.hidden, length) for embedding in embeddings])
         negative = repeat_to_length(self.negative.hidden, length).repeat(len(prompts), 1, 1)
         arguments: dict[str, Any] = {"prompt_embeds": positive, "negative_prompt_embeds": negative}
@@ -199,6 +217,43 @@ def torch_device_type(device: str) -> str:
     import torch
 
     return torch.device(device).type
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` torch does not know, or that this machine lacks, before anything is written."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DatasetError(f"device: {device!r} is not a device torch knows; expected e.g. cpu, cuda, cuda:1 or "
+                           "mps") from None
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, ValueError) as error:  # a CPU-only torch asserts on cuda
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        available = "cuda" if torch.cuda.is_available() else "cpu"
+        raise DatasetError(f"device: {device!r} is not available on this machine ({reason}); expected a device it "
+                           f"has, e.g. {available}") from None
+
+
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, a bare pickle
+
+
+def check_checkpoint(path: Path, architecture: str | None) -> None:
+    """Read a single file's header and family before anything is written: a corrupt file, or a pickle
+    renamed ``.safetensors`` (never unpickled), is refused naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        checkpoint_family(path, architecture)
+    except SafetensorError as error:
+        with path.open("rb") as stream:
+            start = stream.read(4)
+        hint = ("; it looks like a pickle (.ckpt) renamed .safetensors, and pickles are never loaded"
+                if start.startswith(_PICKLE_MAGIC) else "")
+        raise DatasetError(f"model: {path} is not a readable .safetensors checkpoint ({error}){hint}; expected a "
+                           "file saved by safetensors") from None
 
 
 def accelerator_available() -> bool:
@@ -270,6 +325,20 @@ class RenderSummary:
                 f"({self.already_done} were already there, {self.rendered_here} rendered by this process)")
 
 
+def diffusers_generator(model_path: Path, model_config: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """How ``dataset.json`` names the model: its file name and the SHA-256 of its content.
+
+    The SHA-256 (:func:`.model_hash.model_sha256`: of the file, or of a folder's files) is what a
+    resumed render is checked against, so another model saved under the same name is refused. It is
+    the hash LoRA metadata and model sites use, computed once per file version and remembered. A
+    single file loaded with ``--model-config`` records that folder's hash too: its configs shape the
+    model and its scheduler (None: the shipped configs, and always for a folder model).
+    """
+    config_sha256 = model_sha256(model_config) if model_config is not None and not model_path.is_dir() else None
+    return {"engine": "diffusers", "model": model_path.name, "sha256": model_sha256(model_path),
+            "model_config_sha256": config_sha256}
+
+
 def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: str | os.PathLike[str],
                    config: RenderConfig | None = None, *, architecture: str | None = None,
                    model_config: str | os.PathLike[str] | None = None, device: str | None = None,
@@ -277,9 +346,10 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
                    on_batch: Callable[[list[int]], None] | None = None) -> RenderSummary:
     """Render ``prompt_set`` into the dataset folder ``out`` with the model at ``model``; resumable.
 
-    Every check (prompts, sizes, the folder and its ``dataset.json``) runs before the model loads.
-    In a multi-process launch each process renders its share of the pending images; ``device``
-    defaults to the process's accelerate device.
+    Every check (prompts, sizes, the model, the folder and its ``dataset.json``) runs before the
+    model loads, and ``dataset.json`` is written only once it has loaded. In a multi-process launch
+    each process renders its share of the pending images; ``device`` defaults to the process's
+    accelerate device. Notices (a dataset from an older version) go to stderr.
     """
     from accelerate import PartialState
 
@@ -291,6 +361,13 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
     if not model_path.exists():
         raise DatasetError(f"model: {model_path} does not exist; expected a diffusers folder or a .safetensors "
                            "checkpoint")
+    if model_config is not None and not Path(model_config).is_dir():
+        raise DatasetError(f"model-config: {model_config} is not a folder; expected a diffusers folder describing "
+                           "the checkpoint's shapes")
+    if device is not None:
+        check_device(device)
+    if model_path.is_file():
+        check_checkpoint(model_path, architecture)
     size = None if config.width and config.height else native_size(model_path, architecture, model_config)
     request = RenderRequest(
         prompts=tuple(prompt_set.prompts), skill=prompt_set.skill,
@@ -299,22 +376,45 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
         width=config.width or size, height=config.height or size, negative_prompt=config.negative_prompt,
         seed=config.seed, batch_size=config.batch_size,
         prompts_file=str(prompt_set.path) if prompt_set.path else None)
+    request.validate()  # the settings first: hashing a large model takes a moment
+    request = dataclasses.replace(request, generator=diffusers_generator(model_path, model_config))
     folder = Path(out)
     # Without an accelerator (or when told to use the CPU) processes talk over gloo; accelerate needs cpu=True for that.
     state = PartialState(cpu=(device is not None and torch_device_type(device) == "cpu") or not accelerator_available())
-    plan = prepare_dataset(folder, request, write=state.is_main_process)
-    state.wait_for_everyone()
-    pending = list(pending_indices(folder, plan.total))
-    already_done = plan.total - len(pending)
-    state.wait_for_everyone()  # every process has listed what is pending before anyone writes
+    # The main process holds the folder's lock for the whole launch: another render into it is refused.
+    with exclusive_lock(folder) if state.is_main_process else contextlib.nullcontext():
+        return _render_locked(folder, model_path, request, state, architecture=architecture,
+                              model_config=model_config, device=device, dtype=dtype, show_progress=show_progress,
+                              on_batch=on_batch)
 
-    rendered: list[int] = []
-    if pending:
-        pipeline = load_renderer_pipeline(model_path, device or state.device, dtype=dtype, sampler=config.sampler,
-                                          architecture=architecture, model_config=model_config)
+
+def _render_locked(folder: Path, model_path: Path, request: RenderRequest, state: PartialState, *,
+                   architecture: str | None, model_config: str | os.PathLike[str] | None, device: str | None,
+                   dtype: str, show_progress: bool, on_batch: Callable[[list[int]], None] | None) -> RenderSummary:
+    """:func:`render_dataset` once the main process holds the folder's lock."""
+    plan = plan_dataset(folder, request)
+    renderer = None
+    if plan.pending:  # loaded before anything is written: a model that fails to load leaves no trace
+        from safetensors import SafetensorError
+
+        try:
+            pipeline = load_renderer_pipeline(model_path, device or state.device, dtype=dtype,
+                                              sampler=request.sampler, architecture=architecture,
+                                              model_config=model_config)
+        except SafetensorError as error:  # a folder's weights file
+            raise DatasetError(f"model: {model_path} holds a weights file that is not readable safetensors "
+                               f"({error}); expected files saved by safetensors") from None
         renderer = DiffusersRenderer(pipeline, request.width, request.height, request.steps, request.cfg,
                                      request.negative_prompt)
-        with state.split_between_processes(pending) as my_share:
+    if state.is_main_process:
+        for notice in plan.notices:
+            print(f"selma render: notice: {notice}", file=sys.stderr)
+        start_dataset(plan)
+    state.wait_for_everyone()  # every process has listed what is pending before anyone writes an image
+
+    rendered: list[int] = []
+    if renderer is not None:
+        with state.split_between_processes(list(plan.pending)) as my_share:
             progress_bar = None
             if show_progress and state.is_main_process:
                 from tqdm.auto import tqdm
@@ -334,7 +434,7 @@ def render_dataset(prompt_set: PromptSet, out: str | os.PathLike[str], model: st
                     progress_bar.close()
     state.wait_for_everyone()
     done_now = plan.total - len(pending_indices(folder, plan.total))
-    return RenderSummary(folder=folder, total=plan.total, already_done=already_done, rendered_here=len(rendered),
+    return RenderSummary(folder=folder, total=plan.total, already_done=plan.done, rendered_here=len(rendered),
                          done_now=done_now)
 
 
