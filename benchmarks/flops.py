@@ -11,7 +11,7 @@ up the FLOPs of every matrix product, convolution and attention product that the
 pass dispatches. Three counts per model, per image (batch 1; every count is linear in the batch):
 
 - **forward**: one UNet evaluation (a sampler step without classifier-free guidance; with it, twice this);
-- **LoRA training**: forward + backward with the base frozen and this project's LoRA (``trainer.train.add_lora``:
+- **LoRA training**: forward + backward with the base frozen and this project's LoRA (``trainer.train.loop.add_lora``:
   rank ``--rank``, the attention projections) trainable: the backward pass computes the activations'
   gradients through the whole UNet but weight gradients only for the LoRA factors, so about 2x forward;
 - **full training**: forward + backward with every UNet weight trainable (about 3x forward), for reference.
@@ -46,7 +46,7 @@ def build_unet(architecture: str, device: str | torch.device = "meta", dtype: to
     from ``config`` (a UNet config, e.g. a tiny model's)."""
     from diffusers import UNet2DConditionModel
 
-    from comfyui_selma.trainer.model_configs import config_folder
+    from comfyui_selma.trainer.families.configs import config_folder
 
     config = config or UNet2DConditionModel.load_config(config_folder(architecture) / "unet")
     default_dtype = torch.get_default_dtype()
@@ -79,8 +79,8 @@ def unet_inputs(unet, batch: int, resolution: int, device: str | torch.device = 
 def add_selma_lora(unet, architecture: str, rank: int) -> int:
     """Put this project's training LoRA (rank = alpha = ``rank``, the attention projections) on ``unet``, the
     base frozen, through the trainer's own :func:`add_lora`; the number of trainable parameters."""
-    from comfyui_selma.trainer.train import BaseModel, add_lora
-    from comfyui_selma.trainer.train_config import TrainConfig
+    from comfyui_selma.trainer.train.loop import BaseModel, add_lora
+    from comfyui_selma.trainer.train.config import TrainConfig
 
     unet.requires_grad_(False)
     model = BaseModel(architecture=architecture, unet=unet, vae=None, text_encoders=[], tokenizers=[],

@@ -113,7 +113,7 @@ def measured_bf16_tflops() -> float | None:
 
 
 def tiny_unet_config(architecture: str) -> dict:
-    from comfyui_selma.trainer.tiny_models import tiny_sd1_pipeline, tiny_sdxl_pipeline
+    from comfyui_selma.trainer.families.tiny import tiny_sd1_pipeline, tiny_sdxl_pipeline
 
     return dict((tiny_sd1_pipeline if architecture == "sd1" else tiny_sdxl_pipeline)().unet.config)
 
@@ -124,8 +124,8 @@ def build_model_folders(tiny: bool, folder: Path, device: str) -> dict[str, Path
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from comfyui_selma.trainer.model_configs import config_folder
-    from comfyui_selma.trainer.tiny_models import save_pipeline, tiny_sd1_pipeline, tiny_sdxl_pipeline
+    from comfyui_selma.trainer.families.configs import config_folder
+    from comfyui_selma.trainer.families.tiny import save_pipeline, tiny_sd1_pipeline, tiny_sdxl_pipeline
 
     if tiny:
         return {"sd1": save_pipeline(tiny_sd1_pipeline(), folder / "sd1"),
@@ -194,7 +194,7 @@ VARIANTS = {
     "no host sync per step": {"sync_per_step": False},
     "torch.compile(unet) with the LoRA layers": {"compile": True},
 }
-# Which of these our trainer (trainer/train.py) can do today; the rows measure the technique either way.
+# Which of these our trainer (trainer/train/loop.py) can do today; the rows measure the technique either way.
 IN_OUR_TRAINER = {"precision": "mixed_precision fp16 / bf16", "channels_last": None, "sdpa": "PyTorch's choice "
                   "(diffusers' default attention processor)", "fused_adamw": "fused on CUDA",
                   "gradient_checkpointing": "gradient_checkpointing", "sync_per_step": "loss.item() every step",

@@ -5,7 +5,7 @@ of attn1 and attn2: 560 layers; shapes from diffusers' UNet2DConditionModel buil
 from the shipped SDXL config), merged with weights 1/5 and re-factored to rank 128 two ways, in the
 same run, layer by layer, alternating which goes first:
 
-- ours: ``trainer.merge_methods.svd`` (``trainer.low_rank.truncate_product``) — where the total rank
+- ours: ``trainer.merge.methods.svd`` (``trainer.merge.low_rank.truncate_product``) — where the total rank
   R = 640 is below the longer side (1280 x 1280, 1280 x 2048, 640 x 2048): T from the Cholesky factor of
   the 640 x 640 Gram of the longer factor, S = T·(the other), and only the 128 leading eigenvectors of
   S·Sᵀ (tridiagonal reduction, inverse iteration for the wanted 128, reflectors applied to those alone);
@@ -51,7 +51,7 @@ def sdxl_attention_shapes() -> list[tuple[str, int, int]]:
     """(diffusers path, out, in) of every attention projection of the real SDXL base UNet."""
     from diffusers import UNet2DConditionModel
 
-    from comfyui_selma.trainer.model_configs import CONFIGS_PATH
+    from comfyui_selma.trainer.families.configs import CONFIGS_PATH
 
     config = json.loads((CONFIGS_PATH / "sdxl" / "unet" / "config.json").read_text())
     with torch.device("meta"):
@@ -61,7 +61,7 @@ def sdxl_attention_shapes() -> list[tuple[str, int, int]]:
 
 
 def experts_for(out_features: int, in_features: int, count: int, rank: int, seed: int):
-    from comfyui_selma.trainer.lora_file import LoraModule
+    from comfyui_selma.trainer.lora.file import LoraModule
 
     generator = torch.Generator().manual_seed(seed)
     return [LoraModule(down=torch.randn(rank, in_features, generator=generator) / in_features**0.5,
@@ -70,7 +70,7 @@ def experts_for(out_features: int, in_features: int, count: int, rank: int, seed
 
 
 def ours(experts, weights, rank):
-    from comfyui_selma.trainer.merge_methods import MergeOptions, svd
+    from comfyui_selma.trainer.merge.methods import MergeOptions, svd
 
     module = svd(experts, weights, MergeOptions(rank=rank))
     return module.up_matrix() * module.scale, module.down_matrix()

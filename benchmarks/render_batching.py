@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from comfyui_selma.trainer.dataset import batches
-from comfyui_selma.trainer.prompt_set import prompt_set_of
-from comfyui_selma.trainer.prompts import PromptConfig, expand_prompts
-from comfyui_selma.trainer.render import DiffusersRenderer, load_renderer_pipeline
-from comfyui_selma.trainer.tiny_models import save_pipeline, tiny_sd1_pipeline
+from comfyui_selma.trainer.render.dataset import batches
+from comfyui_selma.trainer.prompts.prompt_set import prompt_set_of
+from comfyui_selma.trainer.prompts.generate import PromptConfig, expand_prompts
+from comfyui_selma.trainer.render.run import DiffusersRenderer, load_renderer_pipeline
+from comfyui_selma.trainer.families.tiny import save_pipeline, tiny_sd1_pipeline
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "render_batching.json"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 try:
-    from comfyui_selma.trainer.prompt_filter import filter_prompts
-    from comfyui_selma.trainer.template_prompts import (ANIMALS, COLORS, MATERIALS, OBJECTS, PEOPLE,
+    from comfyui_selma.trainer.prompts.filter import filter_prompts
+    from comfyui_selma.trainer.backends.templates import (ANIMALS, COLORS, MATERIALS, OBJECTS, PEOPLE,
                                                         PERSON_ACTIONS, PLACES)
 except ModuleNotFoundError:
     sys.exit("install the package first (pip install -e .), then run: .venv/bin/python benchmarks/rouge_filter.py")

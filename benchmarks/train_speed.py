@@ -208,7 +208,7 @@ def sd15_random_model() -> BaseModelFiles:
     import torch
     from full_size_models import build_sd15_random_checkpoint
 
-    from comfyui_selma.trainer.model_loading import load_pipeline
+    from comfyui_selma.trainer.families.loading import load_pipeline
 
     checkpoint = build_sd15_random_checkpoint()
     folder = checkpoint.with_suffix(".diffusers")
@@ -224,7 +224,7 @@ def sd15_random_model() -> BaseModelFiles:
 
 
 def base_model(choice: str, work: Path) -> BaseModelFiles:
-    from comfyui_selma.trainer.tiny_models import save_pipeline, tiny_sd1_pipeline
+    from comfyui_selma.trainer.families.tiny import save_pipeline, tiny_sd1_pipeline
 
     if choice == "tiny":
         return BaseModelFiles(save_pipeline(tiny_sd1_pipeline(), work / "tiny-sd1"), "tiny SD 1.x (random weights)",
@@ -316,7 +316,7 @@ def timed_run(name: str, command: list[str], env: dict[str, str], work: Path, wa
 
 def run_ours(arguments: argparse.Namespace, model: BaseModelFiles, data: Path, precision: str, runner: Path,
              env: dict[str, str], work: Path) -> dict:
-    from comfyui_selma.trainer.train_config import TrainConfig, write_config
+    from comfyui_selma.trainer.train.config import TrainConfig, write_config
 
     run_dir = work / "ours"
     config = TrainConfig(
@@ -326,7 +326,7 @@ def run_ours(arguments: argparse.Namespace, model: BaseModelFiles, data: Path, p
         mixed_precision=precision, gradient_checkpointing=arguments.gradient_checkpointing, save_every_n_steps=0,
         cache_dir=str(work / "cache"), seed=42)
     write_config(config, run_dir)
-    row = timed_run("comfyui-selma", [arguments.python, str(runner), "module", "trainer.train", "--config",
+    row = timed_run("comfyui-selma", [arguments.python, str(runner), "module", "trainer.train.loop", "--config",
                                       str(run_dir / "config.toml")],
                     with_pythonpath(env, str(REPOSITORY_ROOT)), work, arguments.warmup,
                     arguments.batch * arguments.accumulation, work / "ours.log")
@@ -355,7 +355,7 @@ def run_diffusers(arguments: argparse.Namespace, model: BaseModelFiles, data: Pa
 
 def run_kohya(arguments: argparse.Namespace, model: BaseModelFiles, data: Path, precision: str, runner: Path,
               env: dict[str, str], work: Path) -> dict:
-    from comfyui_selma.trainer.model_configs import config_folder
+    from comfyui_selma.trainer.families.configs import config_folder
 
     scripts = Path(arguments.kohya_scripts).expanduser().resolve()
     tokenizers = work / "kohya-tokenizers"  # kohya's --tokenizer_cache_dir layout: <id with / as _>

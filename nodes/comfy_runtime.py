@@ -22,7 +22,7 @@ def output_directory() -> Path:
 
 
 def selma_output_path(*parts: str) -> Path:
-    """A path under ``<output>/selma/``; callers pass names checked with ``trainer.files.check_name``."""
+    """A path under ``<output>/selma/``; callers pass names checked with ``trainer.storage.files.check_name``."""
     return output_directory().joinpath("selma", *parts)
 
 

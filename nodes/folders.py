@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..trainer.dataset import resolve_dataset_folder
+from ..trainer.render.dataset import resolve_dataset_folder
 from .comfy_runtime import output_directory, selma_output_path
 
 MAX_PATH = 4096  # PATH_MAX on Linux: longer values are no path any system opens

@@ -1,4 +1,4 @@
-"""SELMA Merge LoRA Experts: stage 4 as a ComfyUI node, over ``trainer.merge.merge_files``.
+"""SELMA Merge LoRA Experts: stage 4 as a ComfyUI node, over ``trainer.merge.run.merge_files``.
 
 Up to 8 experts, each slot filled either by a link from a Train node (its LoRA name or path) or by a
 LoRA picked from ``models/loras``; the merged LoRA is saved into ``models/loras`` so LoraLoader lists
@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..trainer.files import check_name
-from ..trainer.merge import (
+from ..trainer.storage.files import check_name
+from ..trainer.merge.run import (
     ARCHITECTURE_CHOICES,
     METHOD_KEY,
     SAVE_DTYPES,
@@ -20,7 +20,7 @@ from ..trainer.merge import (
     MergeResult,
     merge_files,
 )
-from ..trainer.merge_methods import METHODS
+from ..trainer.merge.methods import METHODS
 from ..trainer.settings import default_of, help_of
 from .comfy_runtime import NodeProgress, send_event
 from .folders import model_folder_paths, model_path

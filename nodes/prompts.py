@@ -1,4 +1,4 @@
-"""SELMA Skill Prompts: stage 1 as a ComfyUI node, over ``trainer.prompts.expand_prompts``.
+"""SELMA Skill Prompts: stage 1 as a ComfyUI node, over ``trainer.prompts.generate.expand_prompts``.
 
 The node writes ``<output>/selma/prompts/<name>.jsonl`` and continues it when queued again, so a
 cancelled run (cancel is honoured between LLM requests) keeps every accepted prompt and a re-queue
@@ -6,7 +6,7 @@ picks up where it stopped.
 
 Every widget value is untrusted: a workflow may come from anyone, and ComfyUI runs whatever graph
 reaches its port. So the workflow never chooses both where a key goes and which key: ``base_url``
-picks an endpoint from the server owner's endpoints file (``trainer.endpoints``) and gets that
+picks an endpoint from the server owner's endpoints file (``trainer.backends.endpoints``) and gets that
 endpoint's key, or names a URL of its own, called without a key; the blocklist is read only
 from ComfyUI's input or output folder, and a transformers model only from its models folder
 (``nodes/folders.py``). No widget, event or file ever holds a key.
@@ -17,13 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..trainer.endpoints import APIS, Route, endpoints_file, load_endpoints, route_for_workflow
-from ..trainer.files import check_name
-from ..trainer.llm_backends import BACKENDS
-from ..trainer.prompt_set import PromptSet, prompt_set_of
-from ..trainer.prompts import PromptConfig, ProgressUpdate, expand_prompts
+from ..trainer.backends.endpoints import APIS, Route, endpoints_file, load_endpoints, route_for_workflow
+from ..trainer.storage.files import check_name
+from ..trainer.backends.llm import BACKENDS
+from ..trainer.prompts.prompt_set import PromptSet, prompt_set_of
+from ..trainer.prompts.generate import PromptConfig, ProgressUpdate, expand_prompts
 from ..trainer.settings import default_of, help_of
-from ..trainer.skills import skill_names
+from ..trainer.prompts.skills import skill_names
 from .comfy_runtime import NodeProgress, selma_output_path, send_event
 from .folders import input_folder, model_path, models_root, readable_path
 

@@ -1,6 +1,6 @@
 """SELMA Render Dataset: stage 2 as a ComfyUI node, rendering through ComfyUI's own sampling.
 
-The dataset folder, the seeding rule, resume and validation are ``trainer.dataset``'s, shared with
+The dataset folder, the seeding rule, resume and validation are ``trainer.render.dataset``'s, shared with
 ``selma render``; this module is the ComfyUI engine:
 
 - width/height 0 (auto) is the model family's native size, told from ComfyUI's model config class
@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..trainer.dataset import (
+from ..trainer.render.dataset import (
     DatasetError,
     RenderRequest,
     done_image_paths,
@@ -36,9 +36,9 @@ from ..trainer.dataset import (
     prepare_dataset,
     render_pending,
 )
-from ..trainer.locks import exclusive_lock
-from ..trainer.model_configs import native_resolution
-from ..trainer.render import RenderConfig, zeros_for_empty_negative
+from ..trainer.storage.locks import exclusive_lock
+from ..trainer.families.configs import native_resolution
+from ..trainer.render.run import RenderConfig, zeros_for_empty_negative
 from ..trainer.settings import default_of, help_of
 from .comfy_runtime import NodeProgress, check_interrupted, output_directory, send_event
 from .folders import dataset_folder
@@ -265,7 +265,7 @@ def render_size(model: Any, width: int, height: int) -> tuple[int, int]:
 
 def negative_conditioning(model: Any, clip: Any, negative_prompt: str) -> dict[str, Any]:
     """The negative prompt's conditioning: CLIP's encoding, or zeros of its shapes (pooled output too) where
-    :func:`trainer.render.zeros_for_empty_negative` says so (an empty one on SDXL)."""
+    :func:`trainer.render.run.zeros_for_empty_negative` says so (an empty one on SDXL)."""
     encoded = _encode(clip, negative_prompt)
     if not zeros_for_empty_negative(model_family(model) == "sdxl", negative_prompt):
         return encoded
@@ -298,7 +298,7 @@ def stack_conditioning(encoded: list[dict[str, Any]], negative: dict[str, Any], 
                        height: int) -> tuple[list[Any], list[Any]]:
     """One positive conditioning with the batch's prompts stacked along the batch, and the negative.
 
-    The prompts must share a length (:func:`trainer.dataset.batches` groups them): padding them to
+    The prompts must share a length (:func:`trainer.render.dataset.batches` groups them): padding them to
     the least common multiple of their lengths would cost more than rendering them one by one. The
     negative keeps its own length, as a KSampler gets it: ComfyUI pads it by repetition where that
     costs at most 4x and runs it apart otherwise. Size conditioning (SDXL) is the render size.
@@ -308,7 +308,7 @@ def stack_conditioning(encoded: list[dict[str, Any]], negative: dict[str, Any], 
     lengths = sorted({entry["cond"].shape[1] for entry in encoded})
     if len(lengths) > 1:
         raise ValueError(f"a batch of prompts with conditionings of {lengths} tokens; expected one length per batch "
-                         "(trainer.dataset.batches groups them)")
+                         "(trainer.render.dataset.batches groups them)")
     size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
             "target_height": height}
 
@@ -365,7 +365,7 @@ def per_image_noise_sampler(sampler: Any, sampler_name: str, seeds: list[int]) -
 
 
 class ComfyBatchRenderer:
-    """A :class:`trainer.dataset.BatchRenderer` that samples a batch of prompts in one ComfyUI sampler call."""
+    """A :class:`trainer.render.dataset.BatchRenderer` that samples a batch of prompts in one ComfyUI sampler call."""
 
     def __init__(self, model: Any, clip: Any, vae: Any, request: RenderRequest) -> None:
         import comfy.samplers

@@ -1,7 +1,7 @@
 """SELMA Train LoRA Expert: stage 3 as a ComfyUI node, driving the companion trainer as a child process.
 
-The node is thin: it turns widgets into a ``trainer.train_config.TrainConfig``, checks the run's
-inputs (``trainer.train_run.check_inputs``) before anything starts, frees ComfyUI's loaded models,
+The node is thin: it turns widgets into a ``trainer.train.config.TrainConfig``, checks the run's
+inputs (``trainer.train.launch.check_inputs``) before anything starts, frees ComfyUI's loaded models,
 and starts ``python -m accelerate.commands.launch … -m trainer.train --config <run>/config.toml``
 (an argument list, its own process group). The trainer's JSON lines drive the progress bar and the
 ``selma.train`` events the web UI charts. Cancel kills the child's group; the run keeps its
@@ -20,17 +20,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..trainer.files import atomic_path, check_name
-from ..trainer.locks import exclusive_lock
+from ..trainer.storage.files import atomic_path, check_name
+from ..trainer.storage.locks import exclusive_lock
 from ..trainer.settings import current_choice, default_of, help_of, renamed_choices
-from ..trainer.train_config import (
+from ..trainer.train.config import (
     CAPTION_ENCODINGS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
     PREDICTION_TYPE_CHOICES,
     TrainConfig,
 )
-from ..trainer.train_run import (
+from ..trainer.train.launch import (
     RunError,
     TrainerProcess,
     absolute_paths,

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when an API file is missing or differs from its UI file")
     arguments = parser.parse_args(argv)
-    from comfyui_selma.trainer.files import atomic_write_text
+    from comfyui_selma.trainer.storage.files import atomic_write_text
 
     catalogue = node_catalogue()
     stale = []

@@ -30,7 +30,7 @@ test_model_cache.__test__ = False  # a helper, not a test
 
 
 def _recipe_hash(architecture: str, seed: int) -> str:
-    from comfyui_selma.trainer.model_configs import CONFIGS_PATH
+    from comfyui_selma.trainer.families.configs import CONFIGS_PATH
 
     digest = hashlib.sha256(f"{architecture}:{seed}:fp16".encode())
     for path in sorted((CONFIGS_PATH / architecture).rglob("*.json")):
@@ -49,7 +49,7 @@ def build_sd15_random_checkpoint(seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from comfyui_selma.trainer.model_configs import config_folder
+    from comfyui_selma.trainer.families.configs import config_folder
     from ldm_checkpoint import save_ldm_checkpoint
 
     folder = config_folder("sd1")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_selma.trainer.lora_architectures import architecture
-from comfyui_selma.trainer.lora_file import Lora, LoraModule, lora_metadata, write_lora
+from comfyui_selma.trainer.lora.architectures import architecture
+from comfyui_selma.trainer.lora.file import Lora, LoraModule, lora_metadata, write_lora
 
 
 def random_module(out_features: int, in_features: int, rank: int, seed: int, alpha: float | None = None,

@@ -25,13 +25,13 @@ __all__ = ["tiny_sd1_folder", "tiny_sdxl_folder", "tiny_sd1_checkpoint", "tiny_s
 
 @functools.cache
 def _tiny_pipeline(architecture: str) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    from comfyui_selma.trainer.tiny_models import tiny_sd1_pipeline, tiny_sdxl_pipeline
+    from comfyui_selma.trainer.families.tiny import tiny_sd1_pipeline, tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline() if architecture == "sdxl" else tiny_sd1_pipeline()
 
 
 def _save_folder(architecture: str, folder: Path) -> Path:
-    from comfyui_selma.trainer.tiny_models import save_pipeline
+    from comfyui_selma.trainer.families.tiny import save_pipeline
 
     return save_pipeline(_tiny_pipeline(architecture), folder)
 

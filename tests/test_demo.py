@@ -29,6 +29,7 @@ def _stage_files(out_dir: Path) -> dict[Path, bytes]:
             (out_dir / folder).rglob("*") if path.is_file() and path.name != "log.jsonl"}
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_under_out_ends_with_the_merged_lora_and_resumes(tmp_path):
     out_dir = tmp_path / "demo"
     first = _demo(out_dir)

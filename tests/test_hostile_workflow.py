@@ -35,9 +35,9 @@ from comfyui_selma.nodes.merge import SelmaMergeLoraExperts
 from comfyui_selma.nodes.prompts import SelmaSkillPrompts
 from comfyui_selma.nodes.render import SelmaRenderDataset
 from comfyui_selma.nodes.train import SelmaTrainLoraExpert
-from comfyui_selma.trainer import train_run
-from comfyui_selma.trainer.lora_file import read_lora
-from comfyui_selma.trainer.prompt_set import PromptSet
+from comfyui_selma.trainer.train import launch as train_run
+from comfyui_selma.trainer.lora.file import read_lora
+from comfyui_selma.trainer.prompts.prompt_set import PromptSet
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 URL_SECRET = "url-password-5f1e2d3c4b5a"

@@ -90,6 +90,7 @@ def test_pyproject_carries_what_the_comfy_registry_validates():
     assert project["scripts"]["selma"] == "comfyui_selma.trainer.cli:main"
 
 
+@pytest.mark.slow
 def test_wheel_installs_the_root_as_comfyui_selma_with_its_data(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                              "-w", str(tmp_path), str(REPOSITORY_ROOT)], capture_output=True, text=True)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_selma.trainer.dataset import RenderRequest
-from comfyui_selma.trainer.train_config import TrainConfig
+from comfyui_selma.trainer.render.dataset import RenderRequest
+from comfyui_selma.trainer.train.config import TrainConfig
 
 CAPTIONS = (
     "a red cube on a wooden table",

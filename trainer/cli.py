@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 # subcommand -> (module that registers it, or None while the stage is not built; one-line summary)
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
-    "prompts": (".prompts", "Stage 1: write skill-specific prompts with an LLM, kept diverse by ROUGE-L."),
-    "render": (".render", "Stage 2: render one image per prompt into a dataset folder."),
-    "train": (".train", "Stage 3: train one LoRA expert on a dataset."),
-    "merge": (".merge", "Stage 4: merge LoRA experts into one multi-skill LoRA."),
-    "lora": (".lora_file", "Inspect LoRA files (kohya, ComfyUI or diffusers layout): selma lora info FILE."),
+    "prompts": (".prompts.generate", "Stage 1: write skill-specific prompts with an LLM, kept diverse by ROUGE-L."),
+    "render": (".render.run", "Stage 2: render one image per prompt into a dataset folder."),
+    "train": (".train.loop", "Stage 3: train one LoRA expert on a dataset."),
+    "merge": (".merge.run", "Stage 4: merge LoRA experts into one multi-skill LoRA."),
+    "lora": (".lora.file", "Inspect LoRA files (kohya, ComfyUI or diffusers layout): selma lora info FILE."),
     "demo": (".demo", "Run every built stage on the embedded default (tiny model, offline prompts)."),
 }
 

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_path, check_output_folder
-from .prompts import PromptConfig, expand_prompts
+from .storage.files import atomic_path, check_output_folder
+from .prompts.generate import PromptConfig, expand_prompts
 from .settings import add_config_arguments, config_from_arguments, setting
-from .skills import CUSTOM, SKILLS, skill_names
+from .prompts.skills import CUSTOM, SKILLS, skill_names
 
 CONTACT_SHEET_COLUMNS = 8  # one row per skill at the default prompts_per_skill
 
@@ -88,7 +88,7 @@ def tiny_model_folder(folder: Path, seed: int) -> Path:
     """The embedded default model as a diffusers folder, built once (seeded) and reused."""
     if (folder / "model_index.json").is_file():
         return folder
-    from .tiny_models import save_pipeline, tiny_sd1_pipeline
+    from .families.tiny import save_pipeline, tiny_sd1_pipeline
 
     building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
     save_pipeline(tiny_sd1_pipeline(seed), building)
@@ -125,11 +125,11 @@ def _training_echo(report: Callable[[str], None]) -> Callable[[str], None]:
 
 def run_demo(config: DemoConfig, report: Callable[[str], None] = print) -> DemoResult:
     """Run every stage; every setting is checked (:meth:`DemoConfig.validate`) before anything is made."""
-    from .merge import MergeConfig, merge_files
-    from .prompt_set import prompt_set_of
-    from .render import RenderConfig, render_dataset
-    from .train import quiet_libraries, run_training
-    from .train_config import TrainConfig
+    from .merge.run import MergeConfig, merge_files
+    from .prompts.prompt_set import prompt_set_of
+    from .render.run import RenderConfig, render_dataset
+    from .train.loop import quiet_libraries, run_training
+    from .train.config import TrainConfig
 
     config.validate()
     quiet_libraries()
@@ -166,7 +166,7 @@ def run_demo(config: DemoConfig, report: Callable[[str], None] = print) -> DemoR
                          MergeConfig(method="linear", title="selma-demo multi-skill"))
     report(f"[4 merge] {merged.summary()}")
 
-    from .dataset import done_image_paths
+    from .render.dataset import done_image_paths
 
     sheet_images = [path for dataset in result.datasets.values() for path in done_image_paths(dataset)]
     result.contact_sheet = write_contact_sheet(sheet_images, out_dir / "contact_sheet.png")

@@ -1,0 +1,1 @@
+"""Backends: the LLM clients, the endpoints a server owner configured, the offline templates."""

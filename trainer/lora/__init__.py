@@ -1,0 +1,1 @@
+"""The LoRA file format: kohya keys per architecture, reading, writing, metadata."""

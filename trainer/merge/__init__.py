@@ -1,0 +1,1 @@
+"""Stage 4: LoRA experts merged into one multi-skill LoRA."""

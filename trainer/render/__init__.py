@@ -1,0 +1,1 @@
+"""Stage 2: one image per prompt into a dataset folder."""

@@ -1,0 +1,1 @@
+"""Files every stage writes: atomic writes, safe names, exclusive locks."""

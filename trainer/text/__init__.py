@@ -1,0 +1,1 @@
+"""Text encoding: the CLIP tokenizer and prompt -> conditioning."""

@@ -1,0 +1,1 @@
+"""Stage 3: one LoRA expert per skill, trained with accelerate."""
