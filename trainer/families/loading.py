@@ -2,7 +2,7 @@
 
 Users point SELMA at the checkpoint they already have in ComfyUI's ``models/checkpoints``. Loading
 must not reach the hub: diffusers' ``from_single_file`` looks configs up there unless it is given a
-local config folder, so we always give it one (:func:`trainer.model_configs.config_folder`).
+local config folder, so we always give it one (:func:`trainer.families.configs.config_folder`).
 Pickled checkpoints (``.ckpt``, ``.pt``, ``.bin``) can run code when loaded; we refuse them.
 
 A single file carries no scheduler config either, so what its UNet predicts is read from its weights

@@ -2,7 +2,7 @@
 
 :func:`merge_files` reads every expert, checks everything that can be wrong — files, architectures,
 weights, shapes, ranks for ``mean_ab`` — and only then merges layer by layer with the method from
-:data:`merge_methods.METHODS` and writes one kohya LoRA (atomically). An error names the file and key
+:data:`.methods.METHODS` and writes one kohya LoRA (atomically). An error names the file and key
 (or setting) and leaves no file behind.
 
 A layer that some experts lack is merged as if they had ΔW = 0 there; the result lists those layers

@@ -4,7 +4,7 @@ The folder contract, the seeding rule and resume live in :mod:`.dataset`; this m
 diffusers engine behind ``selma render`` (and ``selma demo``):
 
 - the base model comes from a diffusers folder or a single ``.safetensors`` checkpoint, offline
-  (:func:`.model_loading.load_pipeline`);
+  (:func:`.loading.load_pipeline`);
 - different prompts render in one pipeline call, each image with its own ``torch.Generator`` seeded
   by the dataset rule, so an image is the same alone or in a batch;
 - prompts longer than CLIP's 75 tokens are split into 77-token chunks the way ComfyUI splits them
@@ -87,7 +87,7 @@ class RenderConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Prompts: ComfyUI's chunking (trainer.caption_encoding), so the data matches what ComfyUI renders
+# Prompts: ComfyUI's chunking (trainer.text.encoding), so the data matches what ComfyUI renders
 
 
 def _chunk_inputs(tokenizer: Any, text: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +196,7 @@ class DiffusersRenderer:
         lengths = sorted({embedding.hidden.shape[1] for embedding in embeddings})
         if len(lengths) > 1:
             raise ValueError(f"a batch of prompts with conditionings of {lengths} tokens; expected one length per "
-                             "batch (trainer.dataset.batches groups them)")
+                             "batch (trainer.render.dataset.batches groups them)")
         # diffusers needs the negative as long as the prompts: repeat both to a common length (as one by one)
         length = math.lcm(self.negative.hidden.shape[1], lengths[0])
         positive = torch.cat([repeat_to_length(embedding.hidden, length) for embedding in embeddings])
@@ -319,7 +319,7 @@ class RenderSummary:
 def diffusers_generator(model_path: Path, model_config: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """How ``dataset.json`` names the model: its file name and the SHA-256 of its content.
 
-    The SHA-256 (:func:`.model_hash.model_sha256`: of the file, or of a folder's files) is what a
+    The SHA-256 (:func:`.hashing.model_sha256`: of the file, or of a folder's files) is what a
     resumed render is checked against, so another model saved under the same name is refused. It is
     the hash LoRA metadata and model sites use, computed once per file version and remembered. A
     single file loaded with ``--model-config`` records that folder's hash too: its configs shape the

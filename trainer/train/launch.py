@@ -204,7 +204,7 @@ def prepare_run_folder(config: TrainConfig, run_dir: str | os.PathLike[str]) -> 
     """Write ``config.toml`` into ``run_dir``; refuse a folder that holds a run with other settings.
 
     A folder with the same settings is continued (resume, or nothing to do when finished). The
-    settings in :data:`~trainer.train_config.CONTINUABLE_FIELDS` may change, e.g. more steps.
+    settings in :data:`~trainer.train.config.CONTINUABLE_FIELDS` may change, e.g. more steps.
     """
     folder = Path(run_dir)
     existing = folder / CONFIG_FILE

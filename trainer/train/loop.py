@@ -2,16 +2,16 @@
 
 Run as ``accelerate launch -m trainer.train --config <run>/config.toml`` (what the SELMA Train LoRA
 Expert node starts, any number of GPUs) or ``selma train ...`` (one process). The run folder is the
-folder of ``config.toml``; see :mod:`trainer.train_run` for what it holds.
+folder of ``config.toml``; see :mod:`trainer.train.launch` for what it holds.
 
 How a run goes, and why:
 
 1. **Check before loading.** Settings, dataset (empty, missing captions or images, corrupt files)
    and base model family are checked first; a bad run fails in seconds with the reason.
 2. **Cache.** VAE latents (both flips) and text-encoder outputs are computed once, on disk, keyed
-   by content and model (:mod:`trainer.train_data`); the VAE and text encoders are then freed, so the
+   by content and model (:mod:`trainer.train.data`); the VAE and text encoders are then freed, so the
    loop runs the UNet alone. Captions are encoded as ComfyUI encodes prompts: 77-token pieces,
-   concatenated (:mod:`trainer.caption_encoding`).
+   concatenated (:mod:`trainer.text.encoding`).
 3. **Train.** LoRA (PEFT) on the UNet attention projections, fp32 LoRA weights over frozen weights
    in the compute precision, PyTorch SDPA attention (diffusers' default processor). The LoRA learns
    what the base model predicts, the noise (epsilon) or the velocity (v): as a diffusers folder's
@@ -237,7 +237,7 @@ def lora_state_dict(unet, text_encoders: list) -> dict[str, torch.Tensor]:
 
 def write_lora_file(path: Path, tensors: dict[str, torch.Tensor], config: TrainConfig, architecture: str,
                     facts: dict[str, Any]) -> Path:
-    """Write the LoRA in kohya layout with ``ss_*``/``modelspec.*`` metadata through :mod:`trainer.lora_file`."""
+    """Write the LoRA in kohya layout with ``ss_*``/``modelspec.*`` metadata through :mod:`trainer.lora.file`."""
     from ..lora.file import LoraModule, lora_from_state_dict, lora_metadata, write_lora
 
     lora = lora_from_state_dict({key: value.detach().float().cpu() for key, value in tensors.items()},
@@ -441,10 +441,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike[str], echo: Callable[[
           checked: CheckedInputs | None = None, prepare: bool = False) -> Path:
     """Train (or resume, or find finished) the run in ``run_dir``; return the final LoRA file.
 
-    ``config`` must be the run's ``config.toml`` (:func:`trainer.train_run.prepare_run_folder`
+    ``config`` must be the run's ``config.toml`` (:func:`trainer.train.launch.prepare_run_folder`
     writes it; with ``prepare`` this function does, as a one-process ``selma train`` asks). Every
     process of an ``accelerate launch`` calls this; only the main one writes, and it holds the run
-    folder's lock (:func:`trainer.train_run.run_folder_lock`) from before ``config.toml`` is written
+    folder's lock (:func:`trainer.train.launch.run_folder_lock`) from before ``config.toml`` is written
     to the end: a second trainer of the same folder is refused with the first one's pid.
     """
     from accelerate import PartialState
