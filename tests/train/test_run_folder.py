@@ -104,3 +104,14 @@ def test_the_trainer_process_refuses_a_run_folder_this_process_holds(tmp_path, t
         with pytest.raises(LockHeldError, match=f"in use by process {os.getpid()}"):
             train(read_config(run_dir / CONFIG_FILE), run_dir, echo=lambda line: None)
     assert sorted(path.name for path in run_dir.iterdir()) == [CONFIG_FILE]
+
+
+def test_a_malformed_source_date_epoch_is_refused_before_any_model_loads(tmp_path, tiny_sd1_folder, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")  # every saved LoRA's modelspec.date reads it
+    dataset = write_dataset(tmp_path / "dataset", captions=CAPTIONS[:1])
+    code = cli.main(["train", "--dataset", str(dataset), "--model", str(tiny_sd1_folder), "--out",
+                     str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), *CHEAP])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error and "SOURCE_DATE_EPOCH" in error
+    assert not (tmp_path / "cache").exists(), "nothing was loaded or cached"

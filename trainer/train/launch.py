@@ -33,6 +33,7 @@ from ..storage.files import check_output_folder
 from ..storage.locks import HeldLock, exclusive_lock
 from ..families.configs import PREDICTION_TYPES, ModelFamily, check_architecture
 from ..families.loading import PICKLE_SUFFIXES, checkpoint_family
+from ..lora.file import LoraFileError, release_date
 from .config import CONFIG_FILE, TrainConfig, differences, read_config, write_config
 from .data import TrainingSet, read_training_set
 
@@ -171,6 +172,10 @@ def check_inputs(config: TrainConfig, verify_images: bool = True,
         except ValueError as error:
             raise RunError(str(error)) from None
     config.validate()
+    try:
+        release_date()  # every saved LoRA is dated: a malformed SOURCE_DATE_EPOCH would stop the run at its first save
+    except LoraFileError as error:
+        raise RunError(str(error)) from None
     if config.optimizer_type == "AdamW8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise RunError("optimizer_type: AdamW8bit needs the bitsandbytes package, which is not installed; install "
                        "it (`pip install bitsandbytes`; it needs a CUDA GPU) or use AdamW")
